@@ -1,0 +1,1 @@
+"""Model configs, the causal LM built from registered parts, and named presets."""

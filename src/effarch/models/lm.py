@@ -1,0 +1,169 @@
+"""The causal language model: embeddings, a stack of pre-norm blocks (token mixer + FFN), a tied head.
+
+Any registered mixer or FFN can sit in any layer; the per-layer inference states live in one `Cache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effarch import registry
+from effarch.cache import Cache
+from effarch.layers.norm import RMSNorm
+from effarch.models.config import ModelConfig
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, vocab]
+    cache: Cache | None = None
+    aux_loss: torch.Tensor | float = 0.0  # sum of auxiliary losses (e.g. MoE balancing)
+    loss: torch.Tensor | None = None  # next-token cross-entropy when labels are given
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        name = config.layer_names[layer_idx]
+        type_name, opts = config.mixer_spec(name)
+        self.mixer_name = name
+        self.mixer = registry.get("mixer", type_name).obj(
+            config.d_model, causal=config.causal, layer_idx=layer_idx, **opts
+        )
+        self.norm1 = RMSNorm(config.d_model, config.norm_eps)
+        ffn = config.ffn_names[layer_idx]
+        if ffn == "none":
+            self.norm2, self.ffn = None, None
+        else:
+            self.norm2 = RMSNorm(config.d_model, config.norm_eps)
+            self.ffn = registry.get("ffn", ffn).obj(config.d_model, layer_idx=layer_idx, **config.ffn_options)
+
+    def forward(self, x, state=None, *, cu_seqlens=None):
+        y, state = self.mixer(self.norm1(x), state, cu_seqlens=cu_seqlens)
+        x = x + y
+        if self.ffn is not None:
+            x = x + self.ffn(self.norm2(x))
+        return x, state
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `model(input_ids, cache=None, use_cache=False)` -> ModelOutput."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for linear and embedding weights; residual outputs scaled by 1/sqrt(2 L)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:  # norms, biases, per-head constants: the modules' own init holds
+                continue
+            nn.init.normal_(p, 0.0, std)
+            if name.endswith(("o_proj.weight", "w2.weight", "out_proj.weight")):
+                p.div_(math.sqrt(2 * self.config.n_layers))
+        for m in self.modules():
+            if m is not self and hasattr(m, "_init_weights"):
+                m._init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        use_cache: bool = False,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time]; got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got values outside it")
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} layers; the model has {len(self.blocks)}")
+        new_cache = Cache(len(self.blocks)) if (use_cache or cache is not None) else None
+        x = self.embed(input_ids)
+        aux = 0.0
+        for i, block in enumerate(self.blocks):
+            x, state = block(x, None if cache is None else cache[i], cu_seqlens=cu_seqlens)
+            if new_cache is not None:
+                new_cache[i] = state
+            if block.ffn is not None and getattr(block.ffn, "aux_loss", None) is not None:
+                aux = aux + block.ffn.aux_loss
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return ModelOutput(logits=logits, cache=new_cache, aux_loss=aux, loss=loss)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, n = set(), 0
+        for name, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and name.startswith("embed")):
+                continue
+            seen.add(id(p))
+            n += p.numel()
+        return n
+
+    def cache_nbytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> list[int]:
+        """Inference state bytes per layer after `seq_len` tokens."""
+        return [b.mixer.state_nbytes(seq_len, batch, dtype) for b in self.blocks]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training-forward FLOPs per token: 2 * matmul params + each mixer's context term."""
+        n = self.num_parameters(exclude_embeddings=True)
+        if self.config.tie_embeddings:  # the tied head still costs a vocab x d matmul
+            n += self.embed.weight.numel()
+        return 2.0 * n + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Sample continuations with per-layer caches; returns prompt + new tokens [B, T + n]."""
+        from effarch.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+        )
+
+
+def build_model(config: ModelConfig | dict | str, *, device=None, dtype=None) -> CausalLM:
+    """Build the causal LM of a config (a ModelConfig, a dict, a JSON path, or a preset name)."""
+    if isinstance(config, str):
+        from effarch.models.presets import preset_config
+
+        config = preset_config(config) if not config.endswith(".json") else ModelConfig.from_json(config)
+    elif isinstance(config, dict):
+        config = ModelConfig.from_dict(config)
+    model = CausalLM(config)
+    return model.to(device=device, dtype=dtype) if (device or dtype) else model

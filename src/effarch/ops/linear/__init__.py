@@ -1,0 +1,52 @@
+"""The unified linear recurrence (linear attention, linear RNNs, SSMs, delta-rule memories) behind one call."""
+
+from __future__ import annotations
+
+import torch
+
+from effarch.ops.linear.checks import check_inputs
+from effarch.ops.linear.reference import linear_recurrence_reference
+
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def linear_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    log_decay: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    rule: str = "additive",
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o_t = scale * q_t S_t with S_t = D_t S_{t-1} + k_t^T v_t ("additive") or
+    S_t = D_t (I - b_t k_t^T k_t) S_{t-1} + b_t k_t^T v_t ("delta"), D_t = diag(exp(log_decay_t)).
+
+    q, k [B,T,H,K]; v [B,T,H,V]; log_decay None, [H], [B,T,H] or [B,T,H,K]; beta [B,T,H] (delta);
+    initial_state / final state [N,H,K,V] float32 (N = B, or the number of sequences in cu_seqlens);
+    cu_seqlens int64 [N+1] marks packed sequences when B = 1. Returns (o [B,T,H,V], final_state or None).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_recurrence backend {backend!r} is not one of {BACKENDS}")
+    kwargs = dict(
+        log_decay=log_decay,
+        beta=beta,
+        rule=rule,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    if backend == "reference":
+        return linear_recurrence_reference(q, k, v, **kwargs)
+    check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
+    # Faster forms plug in here (chunked / parallel PyTorch, Triton on CUDA).
+    return linear_recurrence_reference(q, k, v, **kwargs)
+
+
+__all__ = ["linear_recurrence", "linear_recurrence_reference", "BACKENDS"]
