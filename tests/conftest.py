@@ -24,9 +24,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def assert_close(
-    out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, tol: float | None = None
-):
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None, tol: float | None = None):
     tol = tol if tol is not None else TOL[dtype or out.dtype]
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "output has non-finite values"

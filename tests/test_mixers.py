@@ -86,9 +86,7 @@ def test_gradients_flow_to_every_parameter(name):
     (y * torch.randn_like(y)).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     missing = [
-        n
-        for n, p in m.named_parameters()
-        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+        n for n, p in m.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
     ]
     assert not missing, f"parameters without finite gradient: {missing}"
 

@@ -64,9 +64,7 @@ def generate(
 ) -> torch.Tensor:
     """Prompt [B, T] -> [B, T + n]; rows that emit `eos_token_id` keep emitting it."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"input_ids must be a non-empty [batch, time] tensor; got shape {tuple(input_ids.shape)}"
-        )
+        raise ValueError(f"input_ids must be a non-empty [batch, time] tensor; got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     gen = None

@@ -144,7 +144,5 @@ def constructor_options(obj: Any) -> dict[str, inspect.Parameter]:
     sig = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj)
     skip = {"self", "d_model", "causal", "layer_idx"}
     return {
-        n: p
-        for n, p in sig.parameters.items()
-        if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        n: p for n, p in sig.parameters.items() if n not in skip and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }

@@ -23,3 +23,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """Output normalisation with a gate: y = RMSNorm(x) * act(g), per head (as in GLA, Mamba2, GDN)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "silu"):
+        super().__init__()
+        if activation not in ("silu", "sigmoid"):
+            raise ValueError(f"gate activation {activation!r} is not one of 'silu', 'sigmoid'")
+        self.eps, self.activation = eps, activation
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        g = torch.nn.functional.silu(gate.float()) if self.activation == "silu" else torch.sigmoid(gate.float())
+        return (rms_norm(x, self.weight, self.eps).float() * g).to(x.dtype)

@@ -5,18 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def rotary_angles(
-    positions: torch.Tensor, dim: int, base: float = 10000.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [*positions.shape, dim // 2] for integer positions."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None
-) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None) -> torch.Tensor:
     """Rotate the first `rotary_dim` channels of x [B, T, H, D]; cos/sin [T, R/2] or [B, T, R/2]."""
     r = rotary_dim or x.shape[-1]
     xr, xp = x[..., :r].float(), x[..., r:]

@@ -101,9 +101,7 @@ class ModelConfig:
         if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
             raise ValueError(f"norm_eps={self.norm_eps!r} is invalid: it must be a positive number")
         if not isinstance(self.mixers, dict) or not all(isinstance(v, dict) for v in self.mixers.values()):
-            raise ValueError(
-                "mixers must map a layer name to a dict of options, e.g. {'attn': {'n_heads': 4}}"
-            )
+            raise ValueError("mixers must map a layer name to a dict of options, e.g. {'attn': {'n_heads': 4}}")
         known = set(registry.list_mixers())
         for name in self.layer_names:
             if name not in known and "type" not in self.mixers.get(name, {}):
@@ -118,9 +116,7 @@ class ModelConfig:
                     f"mixers[{name!r}] has type {type_name!r}, which is not a registered mixer; registered mixers are: "
                     f"{', '.join(sorted(known))}"
                 )
-            _check_options(
-                "mixer", type_name, f"mixers[{name!r}]", {k: v for k, v in opts.items() if k != "type"}
-            )
+            _check_options("mixer", type_name, f"mixers[{name!r}]", {k: v for k, v in opts.items() if k != "type"})
         ffns = self.ffn_names
         if len(ffns) != len(self.layer_names):
             raise ValueError(
@@ -129,9 +125,7 @@ class ModelConfig:
         valid_ffns = set(registry.list_ffns()) | {"none"}
         for f in set(ffns):
             if f not in valid_ffns:
-                raise ValueError(
-                    f"ffn {f!r} is not registered; valid FFNs are: {', '.join(sorted(valid_ffns))}"
-                )
+                raise ValueError(f"ffn {f!r} is not registered; valid FFNs are: {', '.join(sorted(valid_ffns))}")
             if f != "none":
                 _check_options("ffn", f, "ffn_options", self.ffn_options)
         self._check_dimensions()
@@ -166,9 +160,7 @@ class ModelConfig:
                 try:
                     registry.get("mixer", type_name).obj(self.d_model, causal=self.causal, **opts)
                 except (ValueError, TypeError) as e:
-                    raise ValueError(
-                        f"layer {name!r} ({type_name}) with d_model={self.d_model}: {e}"
-                    ) from None
+                    raise ValueError(f"layer {name!r} ({type_name}) with d_model={self.d_model}: {e}") from None
             for f in sorted(set(self.ffn_names) - {"none"}):
                 try:
                     registry.get("ffn", f).obj(self.d_model, **self.ffn_options)

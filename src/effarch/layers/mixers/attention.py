@@ -64,9 +64,7 @@ class Attention(TokenMixer):
 
             self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
 
-    def forward(
-        self, x: torch.Tensor, state: KVCache | None = None, *, cu_seqlens: torch.Tensor | None = None
-    ):
+    def forward(self, x: torch.Tensor, state: KVCache | None = None, *, cu_seqlens: torch.Tensor | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
@@ -82,9 +80,7 @@ class Attention(TokenMixer):
             q = apply_rotary(q, cos, sin, self.rotary_dim)
             k = apply_rotary(k, cos, sin, self.rotary_dim)
         new_state = KVCache(k, v) if state is None else state.append(k, v)
-        o = attention(
-            q, new_state.k, new_state.v, causal=self.causal, window=self.window, cu_seqlens=cu_seqlens
-        )
+        o = attention(q, new_state.k, new_state.v, causal=self.causal, window=self.window, cu_seqlens=cu_seqlens)
         if self.window is not None and self.causal:
             # Keys older than the window can never be seen again: keep the cache bounded.
             new_state = new_state.keep_last(self.window - 1)
@@ -92,9 +88,7 @@ class Attention(TokenMixer):
 
     def state_nbytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
         kept = seq_len if self.window is None else min(seq_len, self.window - 1)
-        return (
-            2 * batch * kept * self.n_kv_heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
-        )
+        return 2 * batch * kept * self.n_kv_heads * self.head_dim * torch.tensor([], dtype=dtype).element_size()
 
     def flops_per_token(self, seq_len: int) -> float:
         ctx = seq_len if self.window is None else min(seq_len, self.window)

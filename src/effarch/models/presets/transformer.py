@@ -19,14 +19,10 @@ def transformer(size: str = "small"):
 @register_preset("transformer-gqa", family="full/grouped", paper="GQA (arXiv 2305.13245)")
 def transformer_gqa(size: str = "small"):
     """Grouped-query attention: one KV head per 2 query heads (4 at large sizes)."""
-    return pure_config(
-        "transformer-gqa", "attn", size, options=lambda s: _heads(s, 4 if s["d_model"] >= 512 else 2)
-    )
+    return pure_config("transformer-gqa", "attn", size, options=lambda s: _heads(s, 4 if s["d_model"] >= 512 else 2))
 
 
-@register_preset(
-    "transformer-mqa", family="full/grouped", paper="Fast Transformer Decoding (arXiv 1911.02150)"
-)
+@register_preset("transformer-mqa", family="full/grouped", paper="Fast Transformer Decoding (arXiv 1911.02150)")
 def transformer_mqa(size: str = "small"):
     """Multi-query attention: one KV head shared by all query heads."""
     return pure_config(

@@ -14,13 +14,9 @@ import torch.nn.functional as F
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(
-            f"attention expects [B, T, H, D] tensors; got q {tuple(q.shape)}, k {tuple(k.shape)}"
-        )
+        raise ValueError(f"attention expects [B, T, H, D] tensors; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match"
-        )
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attention: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if cu_seqlens is not None and (q.shape[0] != 1 or q.shape[1] != k.shape[1]):
@@ -69,9 +65,7 @@ def attention_reference(
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    keep = attention_mask(
-        q.shape[1], k.shape[1], causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device
-    )
+    keep = attention_mask(q.shape[1], k.shape[1], causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device)
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows give 0, as in flash-attn

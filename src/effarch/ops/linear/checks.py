@@ -40,9 +40,7 @@ def check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlen
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
     if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"linear_recurrence: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match"
-        )
+        raise ValueError(f"linear_recurrence: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
     B, T, H, K = q.shape
     V = v.shape[-1]
     if rule not in RULES:
@@ -61,19 +59,12 @@ def check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlen
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"cu_seqlens needs the packed batch flattened to B = 1; got B = {B}")
-        if (
-            cu_seqlens.dim() != 1
-            or cu_seqlens.numel() < 2
-            or int(cu_seqlens[0]) != 0
-            or int(cu_seqlens[-1]) != T
-        ):
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != T:
             raise ValueError(f"cu_seqlens must be 1-D, start at 0, end at T = {T} and be non-decreasing")
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
     n = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n, H, K, V):
-        raise ValueError(
-            f"initial_state has shape {tuple(initial_state.shape)}; expected [N,H,K,V]={(n, H, K, V)}"
-        )
+        raise ValueError(f"initial_state has shape {tuple(initial_state.shape)}; expected [N,H,K,V]={(n, H, K, V)}")
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     return RecurrenceInputs(B, T, H, K, V, K**-0.5 if scale is None else scale, log_decay, cu_seqlens, cd)

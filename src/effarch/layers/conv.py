@@ -1,0 +1,98 @@
+"""Short depthwise convolution over time (as in H3, Mamba, GLA/DeltaNet layers) with a carried tail.
+
+Causal: y_t = act(sum_j w_j * x_{t-j} + b), j = 0..W-1; the state is the last W-1 inputs [N, W-1, C],
+so a sequence run in pieces equals one run whole. `cu_seqlens` keeps packed documents from seeing each
+other. Non-causal (bidirectional use): a centred window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    return torch.searchsorted(cu_seqlens[1:], torch.arange(total, device=cu_seqlens.device), right=True)
+
+
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    tail: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    causal: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """x [B, T, C], weight [C, W] (weight[:, -1] multiplies the current token), tail [B, W-1, C].
+
+    Returns (y [B, T, C], new tail [N, W-1, C] or None when not causal).
+    """
+    B, T, C = x.shape
+    W = weight.shape[1]
+    if not causal:
+        left = (W - 1) // 2
+        xp = F.pad(x.transpose(1, 2), (left, W - 1 - left))
+        y = F.conv1d(xp, weight[:, None, :], bias, groups=C).transpose(1, 2)
+        if cu_seqlens is not None:
+            raise ValueError("a non-causal short convolution does not support cu_seqlens")
+        return y, None
+    if tail is not None and cu_seqlens is not None:
+        raise ValueError("short_conv: pass either a carried tail or cu_seqlens, not both")
+    if tail is None:
+        tail = x.new_zeros(B, W - 1, C)
+    xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, W-1+T, C]
+    if cu_seqlens is None:
+        y = F.conv1d(xx.transpose(1, 2), weight[:, None, :], bias, groups=C).transpose(1, 2)
+        new_tail = xx[:, xx.shape[1] - (W - 1) :]
+        return y, new_tail
+    # Packed documents: tap j reads x_{t-j} only when it lies in the same document as t.
+    doc = _doc_ids(cu_seqlens, T)
+    y = x * weight[:, -1]
+    for j in range(1, W):
+        shifted = F.pad(x, (0, 0, j, 0))[:, :T]
+        same = torch.zeros(T, dtype=torch.bool, device=x.device)
+        same[j:] = doc[j:] == doc[:-j] if j < T else same[j:]
+        y = y + shifted * same[None, :, None] * weight[:, -1 - j]
+    if bias is not None:
+        y = y + bias
+    n = cu_seqlens.numel() - 1
+    new_tail = x.new_zeros(n, W - 1, C)
+    for i in range(n):
+        s, e = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        seg = x[0, max(s, e - (W - 1)) : e]
+        if seg.shape[0]:
+            new_tail[i, W - 1 - seg.shape[0] :] = seg
+    return y, new_tail
+
+
+class ShortConvolution(nn.Module):
+    """Depthwise conv of width `kernel_size` over time, optional SiLU, with a carried tail state."""
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 4,
+        *,
+        bias: bool = False,
+        activation: str | None = "silu",
+        causal: bool = True,
+    ):
+        super().__init__()
+        if kernel_size < 1:
+            raise ValueError(f"conv kernel_size = {kernel_size} must be at least 1")
+        if activation not in (None, "silu"):
+            raise ValueError(f"conv activation {activation!r} is not one of None, 'silu'")
+        self.kernel_size, self.activation, self.causal = kernel_size, activation, causal
+        self.weight = nn.Parameter(torch.empty(channels, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        with torch.no_grad():
+            nn.init.uniform_(self.weight, -(self.kernel_size**-0.5), self.kernel_size**-0.5)
+
+    def forward(self, x, tail=None, *, cu_seqlens=None):
+        y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)
+        return (F.silu(y) if self.activation == "silu" else y), new_tail
