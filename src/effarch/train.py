@@ -1,0 +1,325 @@
+"""The training loop: AdamW, warmup + cosine decay, clipping, accumulation, bf16 autocast on CUDA,
+validation loss and bits-per-byte, atomic checkpoints and exact resume.
+
+Batches are pure functions of (seed, step) (see effarch.data.batches), so a run resumed from a
+checkpoint sees exactly the batches, learning rates and optimizer state of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from effarch.utils import atomic_write_text, default_device
+
+LN2 = math.log(2.0)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; or "fp32" / "bf16"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # 0: only at the end (when checkpoint_dir is set)
+    keep_checkpoints: int = 2
+    max_time_s: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be positive")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype={self.dtype!r} is not one of 'auto', 'fp32', 'bf16'")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    val_accuracy: float | None = None
+    tokens_per_s: float = 0.0
+    steps: int = 0
+    elapsed_s: float = 0.0
+    peak_mem_bytes: int | None = None
+    evals: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _resolve_device(name: str) -> torch.device:
+    return default_device() if name == "auto" else torch.device(name)
+
+
+def _autocast(device: torch.device, dtype: str):
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms, biases, per-head constants) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task loss, aux loss). Cross-entropy over targets != -100, in float32."""
+    out = model(inputs)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    aux = out.aux_loss if isinstance(out.aux_loss, torch.Tensor) else torch.zeros((), device=loss.device)
+    return loss, aux
+
+
+@torch.no_grad()
+def evaluate(
+    model, batches, n_batches: int, batch_size: int, seed: int = 1234, device=None, dtype: str = "auto"
+) -> dict:
+    """Mean loss (nats/token), bits per token (= bits per byte for the byte tokenizer) and exact-token
+    accuracy over targets != -100, on `n_batches` deterministic batches."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_loss, total_tok, correct = 0.0, 0, 0
+    it = (
+        batches.sequential(batch_size, n_batches)
+        if hasattr(batches, "sequential")
+        else (batches.get(i, batch_size, seed) for i in range(n_batches))
+    )
+    for inputs, targets in it:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with _autocast(device, dtype):
+            logits = model(inputs).logits
+        mask = targets != -100
+        total_loss += float(
+            F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        )
+        total_tok += int(mask.sum())
+        correct += int(((logits.argmax(-1) == targets) & mask).sum())
+    model.train(was_training)
+    if total_tok == 0:
+        raise ValueError("evaluation found no target tokens (every target is -100)")
+    loss = total_loss / total_tok
+    return {"loss": loss, "bpb": loss / LN2, "accuracy": correct / total_tok, "tokens": total_tok}
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+def save_checkpoint(
+    directory: str | os.PathLike, model, optimizer, step: int, cfg: TrainConfig, result: TrainResult
+) -> Path:
+    """Write `step-N/` (weights, config, optimizer, trainer state) under a temporary name, rename it into
+    place, then point `latest` at it. A kill at any moment leaves the previous checkpoint usable."""
+    from safetensors.torch import save_file
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to embed.weight
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(model.config.to_json() + "\n")
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "train_config": asdict(cfg),
+            "losses": list(result.losses),
+            "evals": list(result.evals),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        tmp / "trainer.pt",
+    )
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
+    for p in old[: max(0, len(old) - (cfg.keep_checkpoints - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    root = Path(directory)
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "model.safetensors").exists() else None
+
+
+def load_model(path: str | os.PathLike, device=None):
+    """Build the model stored in a checkpoint folder (or the `latest` one of a training run folder)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from effarch.models.config import ModelConfig
+    from effarch.models.lm import CausalLM
+
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if (path / "latest").exists():
+        path = latest_checkpoint(path) or path
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        raise ValueError(f"{str(path)!r} is not a checkpoint: it needs model.safetensors and config.json")
+    config = ModelConfig.from_json(path / "config.json")
+    model = CausalLM(config)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"checkpoint weights {str(path / 'model.safetensors')!r} are corrupt ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model.to(device) if device is not None else model
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: bool = True) -> TrainResult:
+    """Train `model` in place on `train_batches` (a StreamBatches / TaskBatches); returns the figures."""
+    device = _resolve_device(cfg.device)
+    model.to(device)
+    model.train()
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    result = TrainResult()
+    start_step = 0
+    if cfg.checkpoint_dir and resume:
+        ckpt = latest_checkpoint(cfg.checkpoint_dir)
+        if ckpt is not None:
+            start_step = _restore(ckpt, model, optimizer, result, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, leave=False)
+    tokens, t0 = 0, time.perf_counter()
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                inputs, targets = train_batches.get(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                with _autocast(device, cfg.dtype):
+                    loss, aux = loss_fn(model, inputs, targets)
+                ((loss + aux) / cfg.grad_accum).backward()
+                total += float(loss.detach()) / cfg.grad_accum
+                tokens += inputs.numel()
+            if not math.isfinite(total):
+                raise FloatingPointError(f"training loss became {total} at step {step}; lower the learning rate")
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(total)
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}", refresh=False)
+            if val_batches is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                ev = evaluate(model, val_batches, cfg.eval_batches, cfg.batch_size, device=device, dtype=cfg.dtype)
+                result.evals.append({"step": done, **ev})
+            if cfg.checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(cfg.checkpoint_dir, model, optimizer, done, cfg, result)
+            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    result.steps = len(result.losses)
+    result.elapsed_s = time.perf_counter() - t0
+    result.tokens_per_s = tokens / max(result.elapsed_s, 1e-9)
+    if device.type == "cuda":
+        result.peak_mem_bytes = int(torch.cuda.max_memory_allocated(device))
+    if val_batches is not None:
+        ev = evaluate(model, val_batches, cfg.eval_batches, cfg.batch_size, device=device, dtype=cfg.dtype)
+        result.evals.append({"step": result.steps, **ev})
+        result.val_loss, result.val_bpb, result.val_accuracy = ev["loss"], ev["bpb"], ev["accuracy"]
+    if cfg.checkpoint_dir:
+        save_checkpoint(cfg.checkpoint_dir, model, optimizer, result.steps, cfg, result)
+    return result
+
+
+def _restore(ckpt: Path, model, optimizer, result: TrainResult, device) -> int:
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "model.safetensors"), device=str(device))
+    model.load_state_dict(state, strict=False)
+    trainer = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
+    optimizer.load_state_dict(trainer["optimizer"])
+    result.losses = list(trainer["losses"])
+    result.evals = list(trainer.get("evals", []))
+    torch.set_rng_state(trainer["rng"].cpu())
+    if trainer.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    return int(trainer["step"])
+
+
+def write_metrics(path: str | os.PathLike, result: TrainResult, extra: dict | None = None) -> None:
+    atomic_write_text(path, json.dumps({**asdict(result), **(extra or {})}, indent=2) + "\n")
