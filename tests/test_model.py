@@ -24,7 +24,7 @@ def debug_model(name: str, dtype=torch.float64):
 def test_forward_backward_generate(name):
     model = debug_model(name, torch.float32)
     ids = torch.randint(0, model.config.vocab_size, (2, 17))
-    out = model(ids, labels=ids)
+    out = model(ids, targets=ids)
     assert out.logits.shape == (2, 17, model.config.vocab_size)
     (out.loss + out.aux_loss).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -85,3 +85,17 @@ def test_short_training_lowers_the_loss():
     result = train(model, batches, cfg, val_batches=batches)
     assert result.val_loss < 0.5 * before, (before, result.val_loss)
     assert result.losses[-1] < result.losses[0]
+
+
+def test_loss_without_logits_equals_loss_from_logits():
+    model = debug_model("transformer")
+    ids = torch.randint(0, 260, (2, 13))
+    targets = torch.randint(0, 260, (2, 13))
+    targets[0, :4] = -100
+    a = model(ids, targets=targets)
+    b = model(ids, targets=targets, return_logits=False)
+    assert b.logits is None
+    assert_close(b.loss.reshape(1), a.loss.reshape(1), tol=1e-12)
+    ga = torch.autograd.grad(a.loss, model.embed.weight)[0]
+    gb = torch.autograd.grad(b.loss, model.embed.weight)[0]
+    assert_close(gb, ga, tol=1e-10)

@@ -110,9 +110,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task loss, aux loss). Cross-entropy over targets != -100, in float32."""
-    out = model(inputs)
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    """(task loss, aux loss). Cross-entropy over targets != -100, in float32, without full logits."""
+    out = model(inputs, targets=targets, return_logits=False)
+    loss = out.loss
     aux = out.aux_loss if isinstance(out.aux_loss, torch.Tensor) else torch.zeros((), device=loss.device)
     return loss, aux
 

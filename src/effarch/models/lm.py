@@ -16,6 +16,7 @@ from effarch import registry
 from effarch.cache import Cache
 from effarch.layers.norm import RMSNorm
 from effarch.models.config import ModelConfig
+from effarch.ops.cross_entropy import linear_cross_entropy
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ModelOutput:
     logits: torch.Tensor  # [B, T, vocab]
     cache: Cache | None = None
     aux_loss: torch.Tensor | float = 0.0  # sum of auxiliary losses (e.g. MoE balancing)
-    loss: torch.Tensor | None = None  # next-token cross-entropy when labels are given
+    loss: torch.Tensor | None = None  # cross-entropy against `targets` when they are given
 
 
 class Block(nn.Module):
@@ -88,8 +89,12 @@ class CausalLM(nn.Module):
         use_cache: bool = False,
         *,
         cu_seqlens: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> ModelOutput:
+        """input_ids [B, T] -> logits [B, T, vocab]. `targets` [B, T] are the tokens each position must
+        predict (already shifted; -100 = ignore); with `return_logits=False` the loss is computed chunk by
+        chunk without ever holding the full logits (see effarch.ops.cross_entropy)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time]; got shape {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
@@ -105,10 +110,16 @@ class CausalLM(nn.Module):
                 new_cache[i] = state
             if block.ffn is not None and getattr(block.ffn, "aux_loss", None) is not None:
                 aux = aux + block.ffn.aux_loss
-        logits = self.lm_head(self.norm(x))
+        h = self.norm(x)
+        logits = self.lm_head(h) if (return_logits or targets is None) else None
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        if targets is not None:
+            if logits is not None:
+                flat = logits.flatten(0, 1)
+                flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+                loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+            else:
+                loss = linear_cross_entropy(h, self.lm_head.weight, targets)
         return ModelOutput(logits=logits, cache=new_cache, aux_loss=aux, loss=loss)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

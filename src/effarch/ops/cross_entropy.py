@@ -1,0 +1,80 @@
+"""Cross-entropy of a linear head without the full logits tensor: chunked over tokens, with the gradient
+computed in the same pass.
+
+For hidden states h [N, d], head weight W [vocab, d] and targets y [N] (-100 = ignore), the loss is
+mean_i(logsumexp(h_i W^T) - (h_i W^T)_{y_i}) over kept tokens. Per chunk of tokens the logits are formed,
+reduced, and turned at once into d loss/d h = (softmax - onehot) W / n and d loss/d W += (softmax - onehot)^T h / n,
+so peak memory holds one chunk's logits instead of N x vocab (4 GiB in fp32 at 32K tokens x 32K vocab).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The spec: full logits in float32, then torch's cross-entropy."""
+    logits = h @ weight.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size: int):
+        n_kept = int((targets != -100).sum())
+        denom = max(n_kept, 1)
+        needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if needs_h else None
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        grad_w = torch.zeros_like(weight, dtype=acc) if needs_w else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = (hc @ weight.t()).to(acc)  # [C, vocab], the only large temporary
+            keep = yc != -100
+            safe_y = yc.clamp_min(0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
+            total += ((lse - picked) * keep).sum()
+            if needs_h or needs_w:
+                # d loss / d logits = (softmax - onehot) / n on kept rows, in place on the logits buffer.
+                g = logits.sub_(lse[:, None]).exp_()
+                g.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
+                g.mul_((keep.to(acc) / denom)[:, None])
+                if needs_h:
+                    grad_h[start : start + chunk_size] = (g.to(weight.dtype) @ weight).to(h.dtype)
+                if needs_w:
+                    grad_w += g.t() @ hc.to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 4096, backend: str = "auto"
+) -> torch.Tensor:
+    """Mean cross-entropy of logits h @ weight^T against targets (-100 ignored).
+
+    h [N, d] (or [B, T, d]), weight [vocab, d], targets [N] (or [B, T]). backend "reference" builds the
+    full logits; "torch"/"auto" runs the chunked fused form.
+    """
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    if h2.shape[0] != t2.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {h2.shape[0]} hidden rows but {t2.shape[0]} targets")
+    if weight.dim() != 2 or weight.shape[1] != h2.shape[1]:
+        raise ValueError(f"linear_cross_entropy: weight {tuple(weight.shape)} does not match hidden size {h2.shape[1]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    if backend == "reference":
+        return linear_cross_entropy_reference(h2, weight, t2)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"linear_cross_entropy backend {backend!r} is not one of 'auto', 'torch', 'reference'")
+    return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size)
