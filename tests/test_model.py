@@ -99,3 +99,27 @@ def test_loss_without_logits_equals_loss_from_logits():
     ga = torch.autograd.grad(a.loss, model.embed.weight)[0]
     gb = torch.autograd.grad(b.loss, model.embed.weight)[0]
     assert_close(gb, ga, tol=1e-10)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_static_cache_generation_equals_dynamic(name):
+    model = debug_model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 6))
+    a = model.generate(prompt, 12, temperature=0)
+    b = model.generate(prompt, 12, temperature=0, static_cache=True)
+    assert torch.equal(a, b)
+    out = model(prompt, use_cache=True)
+    static = out.cache.to_static(20)
+    ref = model(prompt[:, :1], cache=out.cache).logits
+    got = model(prompt[:, :1], cache=static).logits
+    assert_close(got, ref, tol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("name", PRESETS)
+def test_cuda_graph_decode_equals_eager(name):
+    model = debug_model(name, torch.float32).cuda()
+    prompt = torch.randint(0, model.config.vocab_size, (3, 7), device="cuda")
+    a = model.generate(prompt, 16, temperature=0)
+    b = model.generate(prompt, 16, temperature=0, cuda_graph=True)
+    assert torch.equal(a, b)

@@ -41,6 +41,52 @@ class KVCache:
         return tensor_bytes(self.k) + tensor_bytes(self.v)
 
 
+class StaticKVCache:
+    """Preallocated keys and values `[B, L_max, H_kv, D]` written in place at a device-side position.
+
+    Nothing changes shape between decode steps, so a step can be captured once in a CUDA graph and
+    replayed (as gpt-fast does). `pos` is an int64 tensor [] on the cache's device; `length` mirrors it
+    on the host for code that runs outside graph replays.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int):
+        self.k, self.v = k, v
+        self.pos = torch.tensor(length, dtype=torch.int64, device=k.device)
+        self.length = length
+
+    @classmethod
+    def from_kv(cls, cache: KVCache, max_len: int) -> StaticKVCache:
+        if cache.offset:
+            raise ValueError("a windowed KV cache that already dropped tokens cannot become a static cache")
+        B, T, H, D = cache.k.shape
+        if max_len < T:
+            raise ValueError(f"max_len={max_len} is shorter than the {T} cached tokens")
+        k = cache.k.new_zeros(B, max_len, H, D)
+        v = cache.v.new_zeros(B, max_len, H, cache.v.shape[-1])
+        k[:, :T], v[:, :T] = cache.k, cache.v
+        return cls(k, v, T)
+
+    @property
+    def seq_len(self) -> int:
+        return self.length
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store T new keys/values at pos..pos+T-1 (in place); returns their positions [T]."""
+        positions = self.pos + torch.arange(k.shape[1], device=k.device)
+        self.k.index_copy_(1, positions, k.to(self.k.dtype))
+        self.v.index_copy_(1, positions, v.to(self.v.dtype))
+        self.pos.add_(k.shape[1])
+        self.length += k.shape[1]
+        return positions
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.k) + tensor_bytes(self.v)
+
+
 class RecurrentState(dict):
     """Named tensors of a recurrent mixer (matrix memory, conv tail, ...) plus the token count.
 
@@ -82,3 +128,11 @@ class Cache:
 
     def per_layer_nbytes(self) -> list[int]:
         return [0 if s is None else s.nbytes() for s in self.layers]
+
+    def to_static(self, max_len: int) -> Cache:
+        """Same states with every KV cache preallocated to `max_len` tokens (recurrent states are already
+        fixed-size)."""
+        out = Cache(len(self))
+        for i, s in enumerate(self.layers):
+            out[i] = StaticKVCache.from_kv(s, max_len) if isinstance(s, KVCache) else s
+        return out

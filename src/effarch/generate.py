@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from effarch.cache import Cache, RecurrentState, StaticKVCache
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -51,6 +53,75 @@ def decode_step(model, token: torch.Tensor, cache):
     return out.logits[:, -1], out.cache
 
 
+class GraphedDecodeStep:
+    """A decode step captured once in a CUDA graph and replayed for every token.
+
+    All states must be fixed-size: KV caches become `StaticKVCache` (written in place), and each
+    recurrent state's new tensors are copied back into the captured buffers inside the graph.
+    """
+
+    def __init__(self, model, cache: Cache, batch: int, device: torch.device, warmup: int = 2):
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        saved = _snapshot(cache)  # warm-up steps run for real: undo them afterwards
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _restore(cache, saved)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.lengths = [getattr(s, "seq_len", 0) for s in cache.layers]
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(self.token, cache=self.cache)
+        for old, new in zip(self.cache.layers, out.cache.layers):
+            if isinstance(old, dict):  # RecurrentState: same shapes, copy back in place
+                for key, t in new.items():
+                    if isinstance(t, torch.Tensor):
+                        old[key].copy_(t)
+        return out.logits[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        self.graph.replay()
+        for s in self.cache.layers:  # host-side token counts do not advance inside a replay
+            if isinstance(s, StaticKVCache):
+                s.length += 1
+            elif isinstance(s, RecurrentState):
+                s.seq_len += 1
+        return self.logits
+
+
+def _snapshot(cache: Cache) -> list:
+    snap = []
+    for s in cache.layers:
+        if isinstance(s, StaticKVCache):
+            snap.append(("kv", s.pos.clone(), s.length))
+        elif isinstance(s, dict):
+            snap.append(("rec", {k: t.clone() for k, t in s.items() if isinstance(t, torch.Tensor)}, s.seq_len))
+        else:
+            snap.append(None)
+    return snap
+
+
+def _restore(cache: Cache, snap: list) -> None:
+    for s, saved in zip(cache.layers, snap):
+        if saved is None:
+            continue
+        kind, data, length = saved
+        if kind == "kv":
+            s.pos.copy_(data)
+            s.length = length
+        else:
+            for k, t in data.items():
+                s[k].copy_(t)
+            s.seq_len = length
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -61,12 +132,21 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | None = None,
+    static_cache: bool = False,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
-    """Prompt [B, T] -> [B, T + n]; rows that emit `eos_token_id` keep emitting it."""
+    """Prompt [B, T] -> [B, T + n]; rows that emit `eos_token_id` keep emitting it.
+
+    static_cache: preallocate KV caches to T + n tokens (no reallocation per step). cuda_graph: capture
+    the decode step once and replay it (CUDA only; implies static_cache). Token-for-token the same as the
+    plain loop up to floating-point summation order.
+    """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, time] tensor; got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if cuda_graph and not input_ids.is_cuda:
+        raise ValueError("cuda_graph=True needs the model and input_ids on a CUDA device")
     gen = None
     if seed is not None:
         gen = torch.Generator(device=input_ids.device)
@@ -78,6 +158,9 @@ def generate(
         if max_new_tokens == 0:
             return input_ids
         logits, cache = prefill(model, input_ids)
+        if static_cache or cuda_graph:
+            cache = cache.to_static(input_ids.shape[1] + max_new_tokens)
+        step = GraphedDecodeStep(model, cache, input_ids.shape[0], input_ids.device) if cuda_graph else None
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, gen)
@@ -87,7 +170,10 @@ def generate(
             out.append(tok[:, None])
             if i + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits, cache = decode_step(model, tok, cache)
+            if step is not None:
+                logits = step(tok)
+            else:
+                logits, cache = decode_step(model, tok, cache)
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)

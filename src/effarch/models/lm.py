@@ -97,8 +97,13 @@ class CausalLM(nn.Module):
         chunk without ever holding the full logits (see effarch.ops.cross_entropy)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time]; got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got values outside it")
+        # The range check syncs with the device: skip it for single-token decode steps (ids come from
+        # the sampler) and while a CUDA graph is being captured.
+        check = input_ids.shape[1] > 1 and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+        if check and input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]")
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache has {len(cache)} layers; the model has {len(self.blocks)}")
         new_cache = Cache(len(self.blocks)) if (use_cache or cache is not None) else None
@@ -143,29 +148,15 @@ class CausalLM(nn.Module):
         return 2.0 * n + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
 
     @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        eos_token_id: int | None = None,
-    ) -> torch.Tensor:
-        """Sample continuations with per-layer caches; returns prompt + new tokens [B, T + n]."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+        """Sample continuations with per-layer caches; returns prompt + new tokens [B, T + n].
+
+        Keyword options (temperature, top_k, top_p, seed, eos_token_id, static_cache, cuda_graph) are those
+        of `effarch.generate.generate`.
+        """
         from effarch.generate import generate
 
-        return generate(
-            self,
-            input_ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            eos_token_id=eos_token_id,
-        )
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
 
 def build_model(config: ModelConfig | dict | str, *, device=None, dtype=None) -> CausalLM:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effarch.cache import KVCache
+from effarch.cache import KVCache, StaticKVCache
 from effarch.layers.base import TokenMixer, check_divisible
 from effarch.layers.rotary import apply_rotary, positions_from_cu_seqlens, rotary_angles
 from effarch.ops.attention import attention
@@ -70,6 +70,8 @@ class Attention(TokenMixer):
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(state, StaticKVCache):
+            return self._forward_static(q, k, v, state, B, T)
         offset = 0 if state is None else state.seq_len
         if self.rotary_dim:
             if cu_seqlens is not None:
@@ -85,6 +87,25 @@ class Attention(TokenMixer):
             # Keys older than the window can never be seen again: keep the cache bounded.
             new_state = new_state.keep_last(self.window - 1)
         return self.o_proj(o.reshape(B, T, -1)), new_state
+
+    def _forward_static(self, q, k, v, state: StaticKVCache, B: int, T: int):
+        """Decode / chunked prefill into a preallocated cache: shapes never change, so it can be graphed."""
+        positions = state.pos + torch.arange(T, device=q.device)
+        if self.rotary_dim:
+            cos, sin = rotary_angles(positions, self.rotary_dim, self.rope_base)
+            q = apply_rotary(q, cos, sin, self.rotary_dim)
+            k = apply_rotary(k, cos, sin, self.rotary_dim)
+        state.write(k, v)
+        key_pos = torch.arange(state.max_len, device=q.device)
+        visible = key_pos[None, :] <= positions[:, None]  # [T, L_max]; unwritten slots stay hidden
+        if self.window is not None:
+            visible &= positions[:, None] - key_pos[None, :] < self.window
+        qt = q.transpose(1, 2)
+        kt, vt = state.k.transpose(1, 2).to(q.dtype), state.v.transpose(1, 2).to(q.dtype)
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=visible, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), state
 
     def state_nbytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
         kept = seq_len if self.window is None else min(seq_len, self.window - 1)
