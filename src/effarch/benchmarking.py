@@ -1,0 +1,126 @@
+"""Timing helpers shared by `effarch bench` and the scripts in benchmarks/: training-step and generation
+throughput of any model (effarch's or a peer's), with peak memory, measured the same way for all.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_train_step(
+    model: torch.nn.Module,
+    loss_of: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+    *,
+    batch: int,
+    seq_len: int,
+    vocab_size: int,
+    steps: int = 10,
+    warmup: int = 3,
+    lr: float = 1e-4,
+) -> dict:
+    """Median time of one training step (forward, backward, AdamW; fused on CUDA) on random tokens.
+
+    `loss_of(model, ids)` returns the scalar loss. Returns tokens/s, step ms and peak memory bytes (CUDA).
+    Out-of-memory is reported as {"oom": True}.
+    """
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
+    ids = torch.randint(0, vocab_size, (batch, seq_len), device=device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = loss_of(model, ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        opt.zero_grad(set_to_none=True)
+        del opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"oom": True, "batch": batch, "seq_len": seq_len}
+    step_s = statistics.median(times)
+    out = {
+        "batch": batch,
+        "seq_len": seq_len,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": batch * seq_len / step_s,
+        "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+    }
+    del opt
+    return out
+
+
+def measure_generate(
+    generate: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    vocab_size: int,
+    device: torch.device,
+    repeats: int = 3,
+) -> dict:
+    """Median wall time of `generate(prompt, new_tokens)`; new tokens/s = batch * new_tokens / time."""
+    prompt = torch.randint(0, vocab_size, (batch, prompt_len), device=device)
+    generate(prompt, min(new_tokens, 8))  # warm-up (allocations, graph capture, compilation)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = generate(prompt, new_tokens)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if out.shape[1] != prompt_len + new_tokens:
+            raise RuntimeError(f"generation returned {out.shape[1] - prompt_len} new tokens, not {new_tokens}")
+    t = statistics.median(times)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "s": t,
+        "tokens_per_s": batch * new_tokens / t,
+    }
+
+
+def measure_decode_latency(
+    model, *, batch: int, context: int, vocab_size: int, device: torch.device, cuda_graph: bool = False, steps: int = 20
+) -> dict:
+    """Per-token decode latency after a prompt of `context` tokens (ms), cache bytes at that context."""
+    from effarch.generate import GraphedDecodeStep, decode_step, prefill
+
+    prompt = torch.randint(0, vocab_size, (batch, context), device=device)
+    with torch.no_grad():
+        logits, cache = prefill(model, prompt)
+        if cuda_graph:
+            cache = cache.to_static(context + steps + 4)
+            step = GraphedDecodeStep(model, cache, batch, device)
+        tok = logits.argmax(-1)
+        times = []
+        for _ in range(steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            if cuda_graph:
+                logits = step(tok)
+            else:
+                logits, cache = decode_step(model, tok, cache)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    return {"batch": batch, "context": context, "ms": 1e3 * statistics.median(times), "cache_bytes": cache.nbytes()}
