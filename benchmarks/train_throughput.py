@@ -122,7 +122,7 @@ def main():
     ]
     for name in dict.fromkeys(r["model"] for r in rows):
         cells = []
-        for b, s in SHAPES:
+        for _, s in SHAPES:
             r = next(x for x in rows if x["model"] == name and x["seq_len"] == s)
             cells.append(
                 "OOM" if r.get("oom") else f"{r['tokens_per_s'] / 1e3:.1f} ({r['peak_mem_bytes'] / 2**30:.1f})"
