@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 
 from effarch.ops.linear.checks import check_inputs
+from effarch.ops.linear.chunk import linear_recurrence_chunked
+from effarch.ops.linear.parallel import linear_recurrence_parallel
 from effarch.ops.linear.reference import linear_recurrence_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
+PARALLEL_MAX_T = 64  # the "torch" backend uses the quadratic form up to this length, chunks beyond
+
+_triton: tuple[Callable, Callable] | ImportError | None = None
+_warned: set[str] = set()
+
+
+def _load_triton() -> tuple[Callable, Callable] | ImportError:
+    """(linear_recurrence_triton, triton_supports), or the ImportError met; imported once, lazily."""
+    global _triton
+    if _triton is None:
+        try:
+            from effarch.ops.linear.triton import linear_recurrence_triton, triton_supports
+
+            _triton = (linear_recurrence_triton, triton_supports)
+        except ImportError as e:
+            _triton = e
+    return _triton
+
+
+def _torch_forms(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    fn = linear_recurrence_parallel if q.shape[1] <= PARALLEL_MAX_T else linear_recurrence_chunked
+    try:
+        return fn(q, k, v, **kwargs)
+    except NotImplementedError as e:
+        if str(e) not in _warned:  # once per unsupported case, not once per call
+            _warned.add(str(e))
+            warnings.warn(f"{e}; falling back to the token-by-token reference (slow)", stacklevel=3)
+        return linear_recurrence_reference(q, k, v, **kwargs)
 
 
 def linear_recurrence(
@@ -45,8 +80,25 @@ def linear_recurrence(
     if backend == "reference":
         return linear_recurrence_reference(q, k, v, **kwargs)
     check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
-    # Faster forms plug in here (chunked / parallel PyTorch, Triton on CUDA).
-    return linear_recurrence_reference(q, k, v, **kwargs)
+    if backend == "triton":
+        triton = _load_triton()
+        if isinstance(triton, ImportError):
+            raise RuntimeError(
+                f"linear_recurrence backend 'triton' is unavailable ({triton}); use backend='torch' or 'auto'"
+            )
+        return triton[0](q, k, v, **kwargs)
+    if backend == "auto" and q.is_cuda:
+        triton = _load_triton()
+        if not isinstance(triton, ImportError) and triton[1](q=q, k=k, v=v, **kwargs):
+            return triton[0](q, k, v, **kwargs)
+    return _torch_forms(q, k, v, **kwargs)
 
 
-__all__ = ["linear_recurrence", "linear_recurrence_reference", "BACKENDS"]
+__all__ = [
+    "linear_recurrence",
+    "linear_recurrence_reference",
+    "linear_recurrence_chunked",
+    "linear_recurrence_parallel",
+    "BACKENDS",
+    "PARALLEL_MAX_T",
+]
