@@ -1,0 +1,381 @@
+"""GPU benchmark of the Triton linear recurrence beside fla 0.6.0, causal SDPA and FlexAttention.
+
+One run: (1) correctness on the GPU, bf16 against the token-by-token reference in float32 at T = 512
+(outputs, final states, gradients); (2) forward and forward+backward at B*T = 32K tokens (T = 2K, 8K,
+32K), H = 16, K = V = 128, bf16, median of triton.testing.do_bench, with the first call's time (compile
+included); (3) decoding-step latency at batch 1 and 64. Peers that fail to import or refuse an op are
+listed as skipped with the reason.
+Usage: python benchmarks/linear_ops.py [--check-only | --quick-check] [--peers fla,sdpa,flex] [--T 2048,8192,32768] [--write]
+       [--json PATH]
+
+FLOP counts (per head and token, chunk C = 64): forward additive 2C(K+V) + 4KV, per-key decay the same,
+delta adds 2CK + C^2 + 2C(K+V) + 2KV for the WY transform; forward+backward counts 3x the forward. Causal
+attention: forward 2 B H T^2 D, forward+backward 3.5x that. GB/s counts the fewest bytes a pass must move
+(inputs read once, outputs written once; backward reads q, k, v, dO and writes dq, dk, dv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from effarch.ops.linear import linear_recurrence_reference  # noqa: E402
+from effarch.ops.linear.triton import linear_recurrence_step_triton, linear_recurrence_triton  # noqa: E402
+
+H, D, C = 16, 128, 64
+CASES = {  # name: (rule, decay kind, fla op name)
+    "linear attention": ("additive", None, "chunk_linear_attn"),
+    "fixed decay [H] (RetNet)": ("additive", "fixed", "chunk_simple_gla"),
+    "scalar decay (Mamba2/simple GLA)": ("additive", "scalar", "chunk_simple_gla"),
+    "per-key decay (GLA)": ("additive", "per_key", "chunk_gla"),
+    "delta rule (DeltaNet)": ("delta", None, "chunk_delta_rule"),
+    "gated delta (GDN)": ("delta", "scalar", "chunk_gated_delta_rule"),
+}
+
+
+def make(rule, decay, B, T, dtype=torch.bfloat16, seed=0, h0=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    q, k, v = r(B, T, H, D), r(B, T, H, D), r(B, T, H, D)
+    kw = {"rule": rule}
+    if decay == "fixed":
+        kw["log_decay"] = -torch.rand(H, device="cuda", generator=g) * 0.1
+    elif decay == "scalar":
+        kw["log_decay"] = F.logsigmoid(r(B, T, H) + 4) / 4
+    elif decay == "per_key":
+        kw["log_decay"] = F.logsigmoid(r(B, T, H, D) + 4) / 16
+    if rule == "delta":
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        kw["beta"] = torch.rand(B, T, H, device="cuda", generator=g)
+    if h0:
+        kw["initial_state"] = r(B, H, D, D) * 0.1
+    return q.to(dtype), k.to(dtype), v.to(dtype), kw
+
+
+def rel(a, b):
+    a, b = a.detach(), b.detach()
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def run_with_grads(fn, q, k, v, kw, do, dhT, cu=None):
+    leaves = {"q": q, "k": k, "v": v, **{n: x for n, x in kw.items() if isinstance(x, torch.Tensor)}}
+    leaves = {n: x.detach().clone().requires_grad_() for n, x in leaves.items()}
+    args = {n: x for n, x in leaves.items() if n not in ("q", "k", "v")}
+    o, f = fn(leaves["q"], leaves["k"], leaves["v"], **args, rule=kw["rule"], output_final_state=True, cu_seqlens=cu)
+    grads = torch.autograd.grad((o.float() * do).sum() + (f * dhT).sum(), list(leaves.values()))
+    return {"o": o, "final": f, **{f"d{n}": gr for n, gr in zip(leaves, grads)}}
+
+
+def check(T=512, B=2, modes=("input", "tf32"), layouts=(False, True)) -> list[str]:
+    """Rows 'case | rel errs | status' for bf16 kernels against the float32 reference, for each way of
+    forming 16-bit products (launch.HALF_DOTS): "input" (the default) or "tf32"."""
+    from effarch.ops.linear.triton import launch
+
+    rows = []
+    for name, (rule, decay, _) in CASES.items():
+        for varlen in layouts:
+            q, k, v, kw = make(rule, decay, B, T, seed=1, h0=True)
+            cu = None
+            if varlen:  # packed: 3 sequences of uneven lengths, one not a multiple of the chunk
+                q, k, v = (x.reshape(1, B * T, H, D) for x in (q, k, v))
+                for n in ("log_decay", "beta"):
+                    if n in kw and kw[n].dim() > 1:
+                        kw[n] = kw[n].reshape(1, B * T, *kw[n].shape[2:])
+                cu = torch.tensor([0, 100, 611, B * T], device="cuda")
+                kw["initial_state"] = torch.randn(3, H, D, D, device="cuda") * 0.1
+            n_seq = kw["initial_state"].shape[0]
+            do = torch.randn(*v.shape, device="cuda")
+            dhT = torch.randn(n_seq, H, D, D, device="cuda")
+            ref_kw = {
+                n: (x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x) for n, x in kw.items()
+            }
+            ref = run_with_grads(linear_recurrence_reference, q.float(), k.float(), v.float(), ref_kw, do, dhT, cu)
+            for mode in modes:
+                launch.HALF_DOTS = mode
+                ours = run_with_grads(linear_recurrence_triton, q, k, v, kw, do, dhT, cu)
+                errs = {n: rel(ours[n], ref[n]) for n in ref}
+                bad = [n for n, e in errs.items() if not math.isfinite(e) or e > 1e-2]
+                tag = f"{name}{', varlen' if varlen else ''}, {mode} products"
+                status = "FAIL " + ",".join(bad) if bad else "ok"
+                rows.append(f"| {tag} | " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {status} |")
+                print(rows[-1], flush=True)
+            launch.HALF_DOTS = "input"
+    return rows
+
+
+def bench(fn, warmup=25, rep=100) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def timed_first(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def fwd_bwd(call, tensors):
+    leaves = [x.detach().requires_grad_() for x in tensors]
+    out = call(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    return lambda: torch.autograd.grad(out, leaves, torch.ones_like(out), retain_graph=True)
+
+
+def flops_linear(rule, B, T):
+    per = 2 * C * 2 * D + 4 * D * D
+    if rule == "delta":
+        per += 2 * C * D + C * C + 2 * C * 2 * D + 2 * D * D
+    return per * B * T * H
+
+
+def ours_case(rule, decay, B, T):
+    q, k, v, kw = make(rule, decay, B, T)
+    extra = [kw[n] for n in ("log_decay", "beta") if n in kw]
+    names = [n for n in ("log_decay", "beta") if n in kw]
+
+    def call(q, k, v, *xs):
+        return linear_recurrence_triton(q, k, v, rule=rule, **dict(zip(names, xs)))[0]
+
+    return call, [q, k, v, *extra]
+
+
+def fla_case(op_name, rule, decay, B, T):
+    import fla.ops as fo
+
+    q, k, v, kw = make(rule, decay, B, T)
+    g = kw.get("log_decay")
+    if op_name == "chunk_linear_attn":
+        return (lambda q, k, v: fo.chunk_linear_attn(q, k, v, normalize=False)[0]), [q, k, v]
+    if op_name == "chunk_simple_gla":
+        if decay == "fixed":
+            return (lambda q, k, v: fo.chunk_simple_gla(q, k, v, g_gamma=g)[0]), [q, k, v]
+        return (lambda q, k, v, g: fo.chunk_simple_gla(q, k, v, g=g)[0]), [q, k, v, g]
+    if op_name == "chunk_gla":
+        return (lambda q, k, v, g: fo.chunk_gla(q, k, v, g)[0]), [q, k, v, g]
+    if op_name == "chunk_delta_rule":
+        return (lambda q, k, v, b: fo.chunk_delta_rule(q, k, v, b)[0]), [q, k, v, kw["beta"].to(q.dtype)]
+    return (lambda q, k, v, g, b: fo.chunk_gated_delta_rule(q, k, v, g, b)[0]), [q, k, v, g, kw["beta"].to(q.dtype)]
+
+
+def attention_cases(B, T, peers):
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cases = {}
+    if "sdpa" in peers:
+        cases["causal SDPA"] = (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v])
+    if "flex" not in peers:
+        return cases
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
+        flex = torch.compile(flex_attention)
+        cases["FlexAttention causal"] = (lambda q, k, v: flex(q, k, v, block_mask=mask), [q, k, v])
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+        print(f"FlexAttention skipped: {type(e).__name__}: {e}")
+    return cases
+
+
+def measure(label, call, tensors, flops, nbytes, results, T):
+    row = {"op": label, "T": T}
+    try:
+        row["first_fwd_s"] = timed_first(lambda: call(*tensors))
+        row["fwd_ms"] = bench(lambda: call(*tensors))
+        step = fwd_bwd(call, tensors)
+        row["first_bwd_s"] = timed_first(step)
+        row["fwd_bwd_ms"] = bench(lambda: fwd_bwd(call, tensors)())
+        row["fwd_tflops"] = flops / row["fwd_ms"] * 1e-9
+        row["fwd_bwd_tflops"] = (3.5 if "SDPA" in label or "Flex" in label else 3) * flops / row["fwd_bwd_ms"] * 1e-9
+        row["fwd_gbs"] = nbytes / row["fwd_ms"] * 1e-6
+        row["fwd_bwd_gbs"] = 3 * nbytes / row["fwd_bwd_ms"] * 1e-6
+    except Exception as e:  # noqa: BLE001
+        row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    results.append(row)
+    done = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+    print(f"{label:48s} T={T:6d} {done} {row.get('skipped', '')}", flush=True)
+    torch.cuda.empty_cache()
+
+
+def speed(Ts, with_fla, peers, results):
+    for T in Ts:
+        B = 32768 // T
+        io = B * T * H * D * 2
+        for name, (rule, decay, fla_op) in CASES.items():
+            call, tensors = ours_case(rule, decay, B, T)
+            extra = sum(x.numel() * x.element_size() for x in tensors[3:])
+            measure(f"ours: {name}", call, tensors, flops_linear(rule, B, T), 4 * io + extra, results, T)
+            del call, tensors
+            if with_fla:
+                try:
+                    call, tensors = fla_case(fla_op, rule, decay, B, T)
+                except Exception as e:  # noqa: BLE001
+                    results.append({"op": f"fla {fla_op}: {name}", "T": T, "skipped": f"{type(e).__name__}: {e}"})
+                    continue
+                measure(f"fla {fla_op}: {name}", call, tensors, flops_linear(rule, B, T), 4 * io + extra, results, T)
+                del call, tensors
+        for label, (call, tensors) in attention_cases(B, T, peers).items():
+            measure(label, call, tensors, 2 * B * H * T * T * D, 4 * io, results, T)
+
+
+def step_ms(fn, *args, **kwargs) -> float:
+    return bench(lambda: fn(*args, **kwargs), warmup=10, rep=50)
+
+
+def graph_ms(fn, *args, **kwargs) -> float:
+    """The step captured in a CUDA graph and replayed (no host overhead), as a decoding loop runs it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(*args, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*args, **kwargs)
+    return bench(graph.replay, warmup=10, rep=50)
+
+
+def decode(with_fla, results):
+    for B in (1, 64):
+        for name, (rule, decay, _) in CASES.items():
+            if decay == "fixed":
+                continue
+            q, k, v, kw = make(rule, decay, B, 1)
+            state = torch.randn(B, H, D, D, device="cuda")
+            kw = {n: x for n, x in kw.items() if n != "initial_state"}
+            ms = step_ms(linear_recurrence_step_triton, q, k, v, state, **kw)
+            gms = graph_ms(linear_recurrence_step_triton, q, k, v, state, **kw)
+            nbytes = 2 * state.numel() * 4 + 4 * B * H * D * 2
+            results.append(
+                {"op": f"ours decode step: {name}", "B": B, "ms": ms, "graph_ms": gms, "gbs": nbytes / gms * 1e-6}
+            )
+            print(
+                f"decode B={B:3d} {name:36s} {ms:.4f} ms, graph {gms:.4f} ms {nbytes / gms * 1e-6:.0f} GB/s", flush=True
+            )
+        if with_fla:
+            try:
+                from fla.ops.gla import fused_recurrent_gla
+
+                q, k, v, kw = make("additive", "per_key", B, 1)
+                state = torch.randn(B, H, D, D, device="cuda")
+                g = kw["log_decay"]
+                ms = step_ms(fused_recurrent_gla, q, k, v, g, initial_state=state, output_final_state=True)
+                gms = graph_ms(fused_recurrent_gla, q, k, v, g, initial_state=state, output_final_state=True)
+                nbytes = 2 * state.numel() * 4 + 4 * B * H * D * 2
+                row = {
+                    "op": "fla fused_recurrent_gla step",
+                    "B": B,
+                    "ms": ms,
+                    "graph_ms": gms,
+                    "gbs": nbytes / gms * 1e-6,
+                }
+                results.append(row)
+                print(f"decode B={B:3d} fla fused_recurrent_gla {ms:.4f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                results.append({"op": "fla fused_recurrent_gla step", "B": B, "skipped": f"{type(e).__name__}: {e}"})
+
+
+def profile(T=8192) -> str:
+    """Per-kernel GPU time of one forward+backward of each case (torch.profiler), top kernels only."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    lines = []
+    for name, (rule, decay, _) in CASES.items():
+        call, tensors = ours_case(rule, decay, 32768 // T, T)
+        for _ in range(2):
+            fwd_bwd(call, tensors)()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fwd_bwd(call, tensors)()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:9]
+        total = sum(e.device_time_total for e in prof.key_averages()) / 3e3
+        lines.append(f"{name} (T={T}): GPU total {total:.3f} ms per fwd+bwd; top kernels, ms per call:")
+        lines += [
+            f"    {e.device_time_total / 3e3 / max(1, e.count // 3):8.3f} x{e.count // 3:<3d} {e.key[:90]}"
+            for e in rows
+        ]
+    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
+
+
+def table(results, check_rows) -> str:
+    out = ["Correctness on the GPU (bf16 kernels vs float32 reference):", "", "| case | rel err | status |",
+           "|---|---|---|", *check_rows, ""]  # fmt: skip
+    out += ["Speed, B*T = 32768 tokens, H = 16, K = V = 128, bf16; ms are medians of do_bench; first = first call in s "
+            "(compile/autotune included).", "",
+            "| op | T | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd GB/s | first fwd s | first bwd s |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    f = lambda r, k, p=3: f"{r[k]:.{p}f}" if k in r else "-"
+    for r in results:
+        if "T" not in r:
+            continue
+        if "skipped" in r and "fwd_ms" not in r:
+            out.append(f"| {r['op']} | {r['T']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        out.append(f"| {r['op']} | {r['T']} | {f(r, 'fwd_ms')} | {f(r, 'fwd_bwd_ms')} | {f(r, 'fwd_tflops', 1)} | "
+                   f"{f(r, 'fwd_bwd_tflops', 1)} | {f(r, 'fwd_gbs', 0)} | {f(r, 'first_fwd_s', 2)} | "
+                   f"{f(r, 'first_bwd_s', 2)} |")  # fmt: skip
+    out += ["", "Decoding step (T = 1, H = 16, 128x128 float32 state read and written in place); eager = one Python "
+            "call, graph = replay of a captured CUDA graph (GB/s from the graph time):", "",
+            "| op | B | eager ms | graph ms | GB/s |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "B" in r:
+            out.append(f"| {r['op']} | {r['B']} | {f(r, 'ms', 4)} | {f(r, 'graph_ms', 4)} | {f(r, 'gbs', 0)} |"
+                       if "ms" in r else f"| {r['op']} | {r['B']} | skipped: {r['skipped']} | | |")  # fmt: skip
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--quick-check", action="store_true", help="check dense batches with default products only")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of each case at T = 8192")
+    ap.add_argument("--peers", default="fla,sdpa,flex", help="comma list of peers to measure: fla, sdpa, flex")
+    ap.add_argument("--T", default="2048,8192,32768")
+    ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
+    ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    args = ap.parse_args()
+    peers = set(args.peers.split(","))
+    with_fla = "fla" in peers
+    if with_fla:
+        try:
+            import fla
+
+            print(f"fla {fla.__version__}")
+        except Exception as e:  # noqa: BLE001
+            print(f"fla unavailable: {e}")
+            with_fla = False
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    check_rows = check(modes=("input",), layouts=(False,)) if args.quick_check else check()
+    if args.profile:
+        profile()
+    results: list[dict] = []
+    if not args.check_only:
+        speed([int(t) for t in args.T.split(",")], with_fla, peers, results)
+        decode(with_fla, results)
+    text = table(results, check_rows)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"check": check_rows, "results": results}, indent=1))
+    if args.write:
+        from results import append_section
+
+        append_section("Triton linear recurrence vs fla, SDPA, FlexAttention", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Host side of the backward of the chunked linear recurrence: recompute the forward states, run the reverse
+state pass and the chunk-local gradient kernels, and (additive rule) the log-decay gradient.
+
+For the additive rule the decay gradient follows from dq and dk alone: writing q~_t = q_t e^{G_t} and
+k~_t = k_t e^{-G_t} with G the cumulative log decay over the whole sequence, the loss depends on G_t only
+through q~_t and k~_t (and on G at the end through the final state), so
+  dg_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_V S_T dS_T        (per key; summed over K for scalar g)
+("Gated Linear Attention Transformers with Hardware-Efficient Training", arXiv 2312.06635). The delta
+rule's decay gradient is formed inside the chunk kernel instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from effarch.ops.linear.triton import bwd_kernels, fwd_kernels
+from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind
+from effarch.ops.linear.triton.layout import ChunkTable
+
+# 16-bit inputs: products of the delta rule's reverse state pass, and of the backward kernels when the
+# additive rule's decay gradient is formed from dq and dk, are taken in tf32 rather than in the input dtype.
+# Measured on an H200 with Triton 3.6, bf16 inputs, T = 512: with bf16 products the delta-rule state pass came
+# out wrong (relative error ~1, once an illegal memory access; tf32 products: 2e-3), and the fixed per-head
+# decay's gradient had relative error 2.3e-2 with bf16 products everywhere, 1.7e-2 with tf32 in the
+# chunk-local kernel only and 7.4e-3 with tf32 everywhere, as q dq - k dk cancels.
+STATE_BWD_DOTS = "tf32"
+DECAY_GRAD_DOTS = "tf32"
+
+
+def _suffix_sums(x: torch.Tensor, table: ChunkTable, dense_len: int) -> torch.Tensor:
+    """sum_{u >= t, same sequence} x_u along dim 0 of x [T, ...] (float32)."""
+    if dense_len > 0:
+        y = x.reshape(-1, dense_len, *x.shape[1:])
+        return y.flip(1).cumsum(1).flip(1).reshape(x.shape)
+    # Packed sequences: suffix sums over the whole buffer minus the suffix after each sequence's end, in
+    # float64 so the difference of two long sums keeps float32 accuracy.
+    s = x.double().flip(0).cumsum(0).flip(0)
+    s = torch.cat([s, s.new_zeros(1, *s.shape[1:])])
+    return (s[:-1] - s[_eos_of_tokens(table, x.shape[0])]).float()
+
+
+def _seq_of_tokens(table: ChunkTable, T: int) -> torch.Tensor:
+    cu = table.cu.long()
+    return torch.repeat_interleave(torch.arange(table.n_seqs, device=cu.device), cu[1:] - cu[:-1], output_size=T)
+
+
+def _eos_of_tokens(table: ChunkTable, T: int) -> torch.Tensor:
+    return table.cu.long()[1:][_seq_of_tokens(table, T)]
+
+
+def additive_decay_grad(q, k, dq, dk, hT, dhT, per_key: bool, table: ChunkTable, dense_len: int) -> torch.Tensor:
+    """dg [T, H] or [T, H, K] float32 by the identity in the module docstring."""
+    x = q.float() * dq.float() - k.float() * dk.float()
+    if not per_key:
+        x = x.sum(-1)
+    dg = _suffix_sums(x, table, dense_len)
+    if dhT is not None:
+        end = (hT * dhT).sum(-1)  # [N, H, K]
+        if not per_key:
+            end = end.sum(-1)
+        dg = dg + end[_seq_of_tokens(table, q.shape[0])]
+    return dg
+
+
+def chunk_backward(
+    do: torch.Tensor,
+    dhT: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    table: ChunkTable,
+    chunk: int,
+    scale: float,
+    dense_len: int,
+    *,
+    delta: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(dq, dk, dv, dg, dbeta, dh0) for packed inputs (shapes as in launch.py): dq, dk, dv in the inputs'
+    dtype, dg float32, dbeta in beta's dtype, dh0 float32 [N, H, K, V]."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    gk = gkind(g)
+    BK, dtc, NT, N = _pow2(K), dot_code(q.dtype), table.n_chunks, table.n_seqs
+    dev = q.device
+    additive_decay = g is not None and not delta
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and dhT is not None,
+                       state_dtype=state_dtype)  # fmt: skip
+    A = None
+    if gk == 2:
+        A = _empty(T, H, chunk, dtype=torch.float32, device=dev)
+        fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
+            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
+        )
+    # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
+    dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
+    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
+    dU = _empty(T, H, V, dtype=torch.float32, device=dev) if delta else None
+    BVs = min(_pow2(V), 32)
+    half = q.dtype != torch.float32
+    state_dtc = (
+        4 if (half and (delta and STATE_BWD_DOTS == "tf32" or additive_decay and DECAY_GRAD_DOTS == "tf32")) else dtc
+    )
+    local_dtc = 4 if (half and additive_decay and DECAY_GRAD_DOTS == "tf32") else dtc
+    bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), N * H)](
+        q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
+        q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BK, BVs, gk, delta,
+        dhT is not None, True, state_dtc, num_warps=8, num_stages=2,
+    )  # fmt: skip
+    # Chunk-local gradients; dq and dk in float32 when the decay identity still needs them.
+    grad_dtype = torch.float32 if additive_decay else q.dtype
+    dq = _empty(T, H, K, dtype=grad_dtype, device=dev)
+    dk = _empty(T, H, K, dtype=grad_dtype, device=dev)
+    dv = _empty(T, H, V, dtype=v.dtype, device=dev)
+    dbeta = _empty(T, H, dtype=torch.float32, device=dev) if delta else None
+    dg = _empty(T, H, dtype=torch.float32, device=dev) if delta and gk == 1 else None
+    dA = _empty(T, H, chunk, dtype=torch.float32, device=dev) if gk == 2 else None
+    dummy = q
+    bwd_kernels.chunk_bwd_kernel[(NT, H)](
+        q, k, v, dummy if p.G is None else p.G, dummy if beta is None else beta, dummy if p.X is None else p.X,
+        dummy if p.vnew is None else p.vnew, dummy if dU is None else dU, p.h, dh, do, dummy if A is None else A,
+        dq, dk, dv, dummy if dbeta is None else dbeta, dummy if dg is None else dg, dummy if dA is None else dA,
+        table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 32), gk, delta,
+        local_dtc, num_warps=8, num_stages=1,
+    )  # fmt: skip
+    if gk == 2:
+        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
+            q, k, p.G, dA, dq, dk, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, local_dtc, num_warps=8
+        )
+    if additive_decay:
+        dg = additive_decay_grad(q, k, dq, dk, p.hT, dhT, gk == 2, table, dense_len)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+    if dbeta is not None:
+        dbeta = dbeta.to(beta.dtype)
+    return dq, dk, dv, dg, dbeta, dh0

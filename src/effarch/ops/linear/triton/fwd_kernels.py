@@ -1,0 +1,399 @@
+"""Triton kernels of the chunked linear recurrence, forward pass.
+
+Chunkwise form ("Gated Linear Attention Transformers with Hardware-Efficient Training", arXiv 2312.06635;
+delta rule via the WY/UT transform, "Parallelizing Linear Transformers with the Delta Rule over Sequence
+Length", arXiv 2406.06484, gated as in "Gated Delta Networks", arXiv 2412.06464). Per chunk of C tokens
+entering with state S_0, G the chunk-local inclusive cumsum of the log decay, R_t = G_C - G_t:
+  additive  O = scale (Q e^G) S_0 + scale ((Q K^T) * Gamma * M) V,   S_C = e^{G_C} S_0 + (K e^R)^T V
+  delta     (I + A) [W | U~] = [diag(b e^G) K | diag(b) V],  A = strictly-lower(diag(b) (K K^T * Gamma)),
+            U = U~ - W S_0, then as additive with V := U.
+Every exponent formed is a difference G_t - G_s with s <= t (or masked to -inf): never exp of a large
+positive number.
+
+Shape legend: T tokens of all sequences packed end to end, H heads, K key dim, V value dim, NT chunks,
+N sequences, BT = C chunk length, BC sub-block length (16), BK >= K and BV block sizes over K and V.
+Token tensors are [T, H, *] contiguous; G is float32 [T, H] (scalar decay) or [T, H, K] (per-key decay).
+GKIND: 0 no decay, 1 scalar per token, 2 per key. DTC (dot input type): 0 float32 (exact "ieee"),
+1 bfloat16, 2 float16, 3 bfloat16 emulated in float32 (interpreter), 4 tf32 (10-bit mantissa; for 16-bit
+inputs when accuracy matters more than speed); accumulation is always float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def mm(a, b, DTC: tl.constexpr):
+    """a @ b with float32 accumulation; operands rounded to the input dtype (exact float32 when DTC = 0)."""
+    if DTC == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DTC == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DTC == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DTC == 3:  # bfloat16 rounding, float32 product: the interpreter's bfloat16 dot is wrong
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+
+
+@triton.jit
+def chunk_cumsum_kernel(
+    g,
+    G,
+    chunk_tok,
+    chunk_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    PER_KEY: tl.constexpr,
+):
+    """G = chunk-local inclusive cumsum of g (float32). Grid (NT, H)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rt = t0 + tl.arange(0, BT)
+    mt = rt < eos
+    if PER_KEY:
+        rk = tl.arange(0, BK)
+        off = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        m = mt[:, None] & (rk[None, :] < K)
+        x = tl.load(g + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(G + off, tl.cumsum(x, axis=0), mask=m)
+    else:
+        off = rt.to(tl.int64) * H + i_h
+        x = tl.load(g + off, mask=mt, other=0.0).to(tl.float32)
+        tl.store(G + off, tl.cumsum(x, axis=0), mask=mt)
+
+
+@triton.jit
+def delta_prep_kernel(
+    k,
+    v,
+    beta,
+    G,
+    X,
+    W,
+    U,
+    chunk_tok,
+    chunk_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_G: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """X = (I + A)^{-1} [T, H, BT] (row t holds its chunk's row, float32), W = X diag(b e^G) K [T, H, K] and
+    U~ = X diag(b) V [T, H, V]. Grid (NT, H).
+
+    The unit-lower-triangular inverse is built by blocks of BC rows: each diagonal block by forward
+    substitution, then X_ij = -X_ii sum_{j<=m<i} A_im X_mj, block row by block row through X in memory.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    NB: tl.constexpr = BT // BC
+    rc = tl.arange(0, BC)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    strict = rc[:, None] > rc[None, :]
+    # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution, row r = e_r - A[r, :] X.
+    for i in tl.static_range(NB):
+        ri = t0 + i * BC + rc
+        mi = ri < eos
+        ki = tl.load(
+            k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
+        )
+        bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
+        a = mm(ki, tl.trans(ki), DTC)
+        if HAS_G:
+            gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+            a = a * tl.exp(tl.where(strict, gi[:, None] - gi[None, :], float("-inf")))
+        a = tl.where(strict, a * bi[:, None], 0.0)
+        x = (rc[:, None] == rc[None, :]).to(tl.float32)
+        for r in range(1, BC):
+            a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of A, indexed by column
+            x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
+        tl.store(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], x, mask=mi[:, None])
+    tl.debug_barrier()
+    rb = tl.arange(0, BT)
+    # Off-diagonal blocks, one block row at a time (rows m < i are final in memory before row i reads them).
+    for i in tl.static_range(1, NB):
+        ri = t0 + i * BC + rc
+        mi = ri < eos
+        ki = tl.load(
+            k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
+        )
+        bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
+        if HAS_G:
+            gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+        acc = tl.zeros([BC, BT], dtype=tl.float32)
+        for m in tl.static_range(i):
+            rm = t0 + m * BC + rc
+            mm_ = rm < eos
+            km = tl.load(
+                k + (rm.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mm_[:, None] & mk[None, :], other=0.0
+            )
+            a = mm(ki, tl.trans(km), DTC)
+            if HAS_G:  # every token of block m precedes every token of block i: exponents <= 0
+                gm = tl.load(G + rm.to(tl.int64) * H + i_h, mask=mm_, other=0.0)
+                a = a * tl.exp(gi[:, None] - gm[None, :])
+            a = a * bi[:, None]
+            # row block m of X, columns before block m+1 (the rest is zero)
+            xm = tl.load(
+                X + (rm.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                mask=mm_[:, None] & (rb[None, :] < (m + 1) * BC),
+                other=0.0,
+            )
+            acc += tl.dot(a, xm, input_precision="ieee")
+        xii = tl.load(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], mask=mi[:, None], other=0.0)
+        xi = -tl.dot(xii, acc, input_precision="ieee")
+        tl.store(
+            X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], xi, mask=mi[:, None] & (rb[None, :] < i * BC)
+        )
+        tl.debug_barrier()
+    # W and U~ from the whole inverse.
+    rt = t0 + rb
+    mt = rt < eos
+    xf = tl.load(
+        X + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+        mask=mt[:, None] & (rb[None, :] // BC <= rb[:, None] // BC),
+        other=0.0,
+    )
+    bt = tl.load(beta + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    kf = tl.load(
+        k + (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0
+    ).to(tl.float32)
+    if HAS_G:
+        gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+        bk = bt * tl.exp(gt)
+    else:
+        bk = bt
+    w = mm(xf, kf * bk[:, None], DTC)
+    tl.store(
+        W + (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :],
+        w.to(W.dtype.element_ty),
+        mask=mt[:, None] & mk[None, :],
+    )
+    for i_v in range(0, tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        vv = tl.load(
+            v + (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0
+        ).to(tl.float32)
+        u = mm(xf, vv * bt[:, None], DTC)
+        tl.store(
+            U + (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :],
+            u.to(U.dtype.element_ty),
+            mask=mt[:, None] & mv[None, :],
+        )
+
+
+@triton.jit
+def gla_intra_kernel(
+    q,
+    k,
+    G,
+    A,
+    chunk_tok,
+    chunk_eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """Per-key decay: A[t, s] = sum_c q_tc k_sc exp(G_tc - G_sc) for s <= t in the chunk, else 0; float32
+    [T, H, BT]. Grid (NT * BT / BC, H): one program per query sub-block i of BC rows.
+
+    Keys before sub-block i: the decay is split at r, the token just before it,
+    exp(G_t - G_s) = exp(G_t - G_r) exp(G_r - G_s), both exponents <= 0, one [BC, K] x [K, BT] product.
+    Keys inside sub-block i: exponent differences formed directly, one key column at a time.
+    """
+    NB: tl.constexpr = BT // BC
+    i_x, i_h = tl.program_id(0), tl.program_id(1)
+    i_c = i_x // NB
+    i = i_x % NB
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rc = tl.arange(0, BC)
+    rb = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    ri = t0 + i * BC + rc
+    mi = ri < eos
+    off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    qi = tl.load(q + off_i, mask=mi[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    gi = tl.load(G + off_i, mask=mi[:, None] & mk[None, :], other=0.0)
+    acc = tl.zeros([BC, BT], dtype=tl.float32)
+    if i > 0:
+        r = t0 + i * BC - 1
+        gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
+        rs = t0 + rb
+        ms = (rb < i * BC) & (rs < eos)
+        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
+        ks = ks * tl.exp(tl.where(ms[:, None], gr[None, :] - gs, float("-inf")))
+        acc = mm(qi * tl.exp(gi - gr[None, :]), tl.trans(ks), DTC)
+    for j in range(BC):
+        s = t0 + i * BC + j
+        off_j = (s.to(tl.int64) * H + i_h) * K + rk
+        mj = mk & (rk * 0 + s < eos)  # vector mask: the interpreter rejects scalar ones
+        kj = tl.load(k + off_j, mask=mj, other=0.0).to(tl.float32)
+        gj = tl.load(G + off_j, mask=mj, other=0.0)
+        e = tl.exp(tl.where(rc[:, None] >= j, gi - gj[None, :], float("-inf")))
+        col = tl.sum(qi * kj[None, :] * e, axis=1)
+        acc = tl.where(rb[None, :] == i * BC + j, col[:, None], acc)
+    tl.store(A + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], acc, mask=mi[:, None])
+
+
+@triton.jit
+def state_fwd_kernel(
+    k,
+    v,
+    W,
+    U,
+    G,
+    hbuf,
+    h0,
+    hT,
+    vnew,
+    cu,
+    seq_chunk,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GKIND: tl.constexpr,
+    DELTA: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """Inter-chunk state pass, one sequence and head and BV columns per program: hbuf[c] = state entering
+    chunk c ([NT, H, K, V]); delta rule: vnew = U~ - W S_0 [T, H, V] (the pseudo-values U). Grid
+    (cdiv(V, BV), N * H)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos = tl.load(cu + i_n)
+    eos = tl.load(cu + i_n + 1)
+    c0 = tl.load(seq_chunk + i_n)
+    c1 = tl.load(seq_chunk + i_n + 1)
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    mkv = mk[:, None] & mv[None, :]
+    off_kv = rk[:, None] * V + rv[None, :]
+    if HAS_H0:
+        S = tl.load(h0 + i_nh.to(tl.int64) * K * V + off_kv, mask=mkv, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for c in range(c0, c1):
+        t0 = bos + (c - c0) * BT
+        tl.store(hbuf + (c * H + i_h).to(tl.int64) * K * V + off_kv, S.to(hbuf.dtype.element_ty), mask=mkv)
+        rt = t0 + tl.arange(0, BT)
+        mt = rt < eos
+        m_tk = mt[:, None] & mk[None, :]
+        m_tv = mt[:, None] & mv[None, :]
+        off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+        kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+        if DELTA:
+            w = tl.load(W + off_tk, mask=m_tk, other=0.0)
+            u = tl.load(U + off_tv, mask=m_tv, other=0.0).to(tl.float32)
+            vv = u - mm(w, S, DTC)
+            tl.store(vnew + off_tv, vv.to(vnew.dtype.element_ty), mask=m_tv)
+        else:
+            vv = tl.load(v + off_tv, mask=m_tv, other=0.0)
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        if GKIND == 1:
+            gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+            gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
+            kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+            S = S * tl.exp(gl) + mm(tl.trans(kd), vv, DTC)
+        elif GKIND == 2:
+            gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
+            gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+            kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
+            S = S * tl.exp(gl)[:, None] + mm(tl.trans(kd), vv, DTC)
+        else:
+            S = S + mm(tl.trans(kk), vv, DTC)
+    if STORE_HT:
+        tl.store(hT + i_nh.to(tl.int64) * K * V + off_kv, S, mask=mkv)
+
+
+@triton.jit
+def out_fwd_kernel(
+    q,
+    k,
+    v,
+    G,
+    A,
+    hbuf,
+    o,
+    chunk_tok,
+    chunk_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GKIND: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """o = scale (Q e^G) S_0 + scale (masked decayed Q K^T) V for one chunk, head and BV columns; v is the
+    pseudo-value U for the delta rule; A holds the intra-chunk scores for per-key decay. Grid
+    (cdiv(V, BV), NT, H)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rb = tl.arange(0, BT)
+    rt = t0 + rb
+    mt = rt < eos
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    m_tk = mt[:, None] & mk[None, :]
+    m_tv = mt[:, None] & mv[None, :]
+    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+    qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
+    S0 = tl.load(
+        hbuf + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
+        mask=mk[:, None] & mv[None, :],
+        other=0.0,
+    )
+    causal = rb[:, None] >= rb[None, :]
+    if GKIND == 2:
+        gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
+        acc = mm(qq.to(tl.float32) * tl.exp(gt), S0, DTC)
+        a = tl.load(A + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], mask=mt[:, None] & causal, other=0.0)
+    else:
+        kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+        a = mm(qq, tl.trans(kk), DTC)
+        if GKIND == 1:
+            gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+            acc = mm(qq.to(tl.float32) * tl.exp(gt)[:, None], S0, DTC)
+            a = a * tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
+        else:
+            acc = mm(qq, S0, DTC)
+        a = tl.where(causal, a, 0.0)
+    vv = tl.load(v + off_tv, mask=m_tv, other=0.0)
+    acc += mm(a, vv, DTC)
+    tl.store(o + off_tv, (acc * scale).to(o.dtype.element_ty), mask=m_tv)

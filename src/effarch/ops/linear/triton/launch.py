@@ -1,0 +1,179 @@
+"""Host side of the Triton linear-recurrence kernels: buffers, block sizes and launch grids.
+
+All functions take packed token tensors q, k [T, H, K], v [T, H, V] (contiguous, one dtype), log decay
+g None / [T, H] / [T, H, K] float32, beta [T, H], and a `ChunkTable`; states are float32 [N, H, K, V].
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from effarch.ops.linear.triton import fwd_kernels, recurrent_kernel
+from effarch.ops.linear.triton.layout import ChunkTable
+
+# Kernels are looked up on their modules at each launch, so reloading a kernel module (to switch the
+# Triton interpreter on or off) takes effect here.
+
+# Launch configurations: the forward kernels use 4 warps (8 warps, which the compiler's register report
+# favours, measured 1.3-1.9x slower forward on an H200); the backward kernels use 8 warps and fewer pipeline
+# stages so their shared memory fits.
+POISON = False  # tests set this: every buffer starts as NaN, so a value no kernel wrote cannot pass
+SUBBLOCK = 16  # BC: rows per sub-block of the triangular inverse and of the per-key intra-chunk scores
+_DTC = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+HALF_DOTS = "input"  # 16-bit inputs: "input" = products in the input dtype (fast), "tf32" = in tf32 (precise)
+
+
+def dot_code(dtype: torch.dtype) -> int:
+    """The kernels' DTC for inputs of `dtype` (see fwd_kernels.py)."""
+    if dtype != torch.float32 and HALF_DOTS == "tf32":
+        return 4
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return 3
+    return _DTC[dtype]
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.empty(*shape, dtype=dtype, device=device)
+    return x.fill_(float("nan")) if POISON else x
+
+
+def _empty_like(x: torch.Tensor) -> torch.Tensor:
+    return _empty(*x.shape, dtype=x.dtype, device=x.device)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def gkind(g: torch.Tensor | None) -> int:
+    return 0 if g is None else (1 if g.dim() == 2 else 2)
+
+
+@dataclass
+class ForwardPieces:
+    """What the chunk kernels compute before the outputs; the backward recomputes them."""
+
+    G: torch.Tensor | None  # chunk-local cumsum of g, float32
+    X: torch.Tensor | None  # delta: (I + A)^{-1} of each chunk, [T, H, BT] float32
+    W: torch.Tensor | None  # delta: [T, H, K]
+    U: torch.Tensor | None  # delta: U~ [T, H, V]
+    h: torch.Tensor  # state entering each chunk [NT, H, K, V]
+    vnew: torch.Tensor | None  # delta: pseudo-values U [T, H, V]
+    hT: torch.Tensor | None  # final states [N, H, K, V] float32
+
+
+def forward_pieces(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    table: ChunkTable,
+    chunk: int,
+    *,
+    delta: bool,
+    store_final: bool,
+    state_dtype: torch.dtype,
+) -> ForwardPieces:
+    T, H, K = q.shape
+    V = v.shape[-1]
+    BK, dtc = _pow2(K), dot_code(q.dtype)
+    if BK > 256:
+        raise ValueError(f"key dim K = {K} is too large for the Triton kernels; valid is K <= 256")
+    NT, N = table.n_chunks, table.n_seqs
+    G = None
+    if g is not None:
+        G = _empty(*g.shape, dtype=torch.float32, device=g.device)
+        fwd_kernels.chunk_cumsum_kernel[(NT, H)](
+            g, G, table.chunk_tok, table.chunk_eos, H, K, chunk, BK, g.dim() == 3, num_warps=4
+        )
+    X = W = U = vnew = None
+    if delta:
+        X = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
+        W, U = _empty_like(k), _empty_like(v)
+        fwd_kernels.delta_prep_kernel[(NT, H)](
+            k, v, beta, q if G is None else G, X, W, U, table.chunk_tok, table.chunk_eos,
+            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, dtc, num_warps=4,
+        )  # fmt: skip
+        vnew = _empty_like(v)
+    h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
+    hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
+    BV = min(_pow2(V), 32)
+    dummy = q
+    fwd_kernels.state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        k, v, dummy if W is None else W, dummy if U is None else U, dummy if G is None else G, h,
+        dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew,
+        table.cu, table.seq_chunk, H, K, V, chunk, BK, BV, gkind(g), delta, h0 is not None, store_final, dtc,
+        num_warps=4,
+    )  # fmt: skip
+    return ForwardPieces(G, X, W, U, h, vnew, hT)
+
+
+def chunk_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    table: ChunkTable,
+    chunk: int,
+    scale: float,
+    *,
+    delta: bool,
+    store_final: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """o [T, H, V] in v's dtype and the final states (or None)."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=store_final,
+                       state_dtype=state_dtype)  # fmt: skip
+    BK, dtc, NT = _pow2(K), dot_code(q.dtype), table.n_chunks
+    A = None
+    if g is not None and g.dim() == 3:
+        A = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
+        fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
+            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
+        )
+    o = _empty_like(v)
+    BV = min(_pow2(V), 64)
+    fwd_kernels.out_fwd_kernel[(triton.cdiv(V, BV), NT, H)](
+        q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
+        table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=4,
+    )  # fmt: skip
+    return o, p.hT
+
+
+def recurrent_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    state: torch.Tensor,
+    cu: torch.Tensor,
+    scale: float,
+    *,
+    delta: bool,
+) -> torch.Tensor:
+    """Token-by-token pass over packed sequences (cu [N+1] int32); updates `state` [N, H, K, V] float32
+    in place and returns o [T, H, V] in v's dtype."""
+    T, H, K = q.shape
+    V = v.shape[-1]
+    N = cu.numel() - 1
+    o = _empty_like(v)
+    BK = _pow2(K)
+    BV = min(_pow2(V), 32 if BK > 64 else 64)
+    recurrent_kernel.recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, q if g is None else g, q if beta is None else beta, state, state, o, cu, scale,
+        H, K, V, BK, BV, gkind(g), delta, True, num_warps=4,
+    )  # fmt: skip
+    return o

@@ -1,0 +1,230 @@
+"""The Triton linear recurrence as torch.library custom ops (with fake implementations, so torch.compile
+traces through them) and the public entry points built on them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from effarch.ops.linear.checks import check_inputs
+from effarch.ops.linear.triton.backward import chunk_backward
+from effarch.ops.linear.triton.launch import chunk_forward, recurrent_forward
+from effarch.ops.linear.triton.layout import ChunkTable
+
+CHUNK = 64  # tokens per chunk
+RECURRENT_MAX_T = 16  # without gradients, sequences up to this length run token by token (decoding)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("effarch::linear_recurrence_chunk_fwd", mutates_args=())
+def chunk_fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    h0: Tensor | None,
+    cu: Tensor,
+    scale: float,
+    delta: bool,
+    dense_len: int,
+    chunk: int,
+    store_final: bool,
+) -> tuple[Tensor, Tensor]:
+    """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
+    cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32, or an empty tensor)."""
+    table = ChunkTable.build(cu, dense_len, chunk)
+    o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
+    return o, (hT if hT is not None else _empty(q))
+
+
+@chunk_fwd_op.register_fake
+def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final):
+    n, (_, H, K), V = cu.shape[0] - 1, q.shape, v.shape[-1]
+    final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
+    return torch.empty_like(v), final
+
+
+@torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", mutates_args=())
+def chunk_bwd_op(
+    do: Tensor,
+    dhT: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    h0: Tensor | None,
+    cu: Tensor,
+    scale: float,
+    delta: bool,
+    dense_len: int,
+    chunk: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None."""
+    table = ChunkTable.build(cu, dense_len, chunk)
+    dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
+        do, dhT, q, k, v, g, beta, h0, table, chunk, scale, dense_len, delta=delta
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        dg if g is not None else _empty(q),
+        dbeta if beta is not None else _empty(q),
+        dh0 if h0 is not None else _empty(q),
+    )
+
+
+@chunk_bwd_op.register_fake
+def _(do, dhT, q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk):
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        torch.empty_like(g) if g is not None else _empty(q),
+        torch.empty_like(beta) if beta is not None else _empty(q),
+        torch.empty_like(h0) if h0 is not None else _empty(q),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu)
+    ctx.args = (scale, delta, dense_len, chunk)
+
+
+def _backward(ctx, do, dhT):
+    q, k, v, g, beta, h0, cu = ctx.saved_tensors
+    scale, delta, dense_len, chunk = ctx.args
+    dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
+        do.contiguous(), dhT, q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        dg if g is not None else None,
+        dbeta if beta is not None else None,
+        dh0 if h0 is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("effarch::linear_recurrence_step", mutates_args=("state",))
+def recurrent_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor | None,
+    beta: Tensor | None,
+    state: Tensor,
+    cu: Tensor,
+    scale: float,
+    delta: bool,
+) -> Tensor:
+    """Packed tokens through the recurrence one by one; `state` [N,H,K,V] float32 is updated in place."""
+    return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
+
+
+@recurrent_op.register_fake
+def _(q, k, v, g, beta, state, cu, scale, delta):
+    return torch.empty_like(v)
+
+
+def _packed(q, k, v, log_decay, beta, inp):
+    """[B,T,...] inputs as packed [B*T, ...] contiguous tensors of q's dtype; log decay as float32."""
+    B, T, H, K = q.shape
+    flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()
+    g = log_decay
+    if g is not None:
+        g = g.float()
+        if g.dim() == 1:
+            g = g.expand(B, T, H)
+        g = flat(g)
+    return flat(q), flat(k.to(q.dtype)), flat(v.to(q.dtype)), g, None if beta is None else flat(beta)
+
+
+def _cu(q: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, int]:
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        return torch.arange(B + 1, device=q.device, dtype=torch.int32) * T, T
+    return cu_seqlens.to(device=q.device, dtype=torch.int32), 0
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def linear_recurrence_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    rule: str = "additive",
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Triton form of `effarch.ops.linear.linear_recurrence` (same arguments and result): chunked kernels
+    (chunks of 64 tokens) with autograd, or the token-by-token kernel for short inputs without gradients
+    and for the delta rule with per-key decay."""
+    inp = check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
+    B, T, H, _ = q.shape
+    qp, kp, vp, g, bp = _packed(q, k, v, log_decay, beta, inp)
+    cu, dense_len = _cu(q, cu_seqlens)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    delta = rule == "delta"
+    per_key_delta = delta and g is not None and g.dim() == 3
+    grad = _needs_grad(q, k, v, log_decay, beta, initial_state)
+    if per_key_delta and grad:
+        raise NotImplementedError("rule 'delta' with per-key log_decay has no Triton backward")
+    if per_key_delta or (T <= RECURRENT_MAX_T and not grad):
+        state = h0.clone() if h0 is not None else q.new_zeros(inp.n_sequences, H, inp.K, inp.V, dtype=torch.float32)
+        o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
+        final = state if output_final_state else None
+    else:
+        o, final = chunk_fwd_op(qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state)
+        final = final if output_final_state else None
+    return o.reshape(B, T, H, inp.V).to(v.dtype), final
+
+
+def linear_recurrence_step_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: Tensor,
+    *,
+    log_decay: Tensor | None = None,
+    beta: Tensor | None = None,
+    rule: str = "additive",
+    scale: float | None = None,
+    cu_seqlens: Tensor | None = None,
+) -> Tensor:
+    """Decoding step(s): runs q, k, v [B,T,H,*] through the recurrence from `state` [N,H,K,V] float32
+    (contiguous), which is updated in place; returns o [B,T,H,V]. No gradients."""
+    inp = check_inputs(q, k, v, log_decay, beta, rule, scale, state, cu_seqlens)
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError(
+            f"state must be a contiguous float32 tensor; got {state.dtype}, contiguous={state.is_contiguous()}"
+        )
+    B, T, H, _ = q.shape
+    qp, kp, vp, g, bp = _packed(q, k, v, log_decay, beta, inp)
+    cu, _ = _cu(q, cu_seqlens)
+    o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, rule == "delta")
+    return o.reshape(B, T, H, inp.V).to(v.dtype)
