@@ -1,0 +1,415 @@
+"""The arena's driver: plan the cells, skip those already in results.json, run the rest with a progress bar,
+then write the report.
+
+Order: cache cells (instant), speed cells (short), then quality cells, architecture by architecture, the
+learning-rate sweep first so the other tasks can reuse its best rate. With a time budget, every quality
+cell gets an equal share of the quality budget and each architecture an equal share of the speed budget;
+a wall-clock limit per cell stops the pathological ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effarch.arena import quality, speed
+from effarch.arena.archs import Arch, resolve_archs, task_config
+from effarch.arena.deadline import CellTimeout, deadline
+from effarch.arena.store import ResultStore, fingerprint, machine_info, versions
+from effarch.arena.suites import Suite, TaskSpec, get_suite
+
+
+@dataclass
+class ArenaOptions:
+    suite: str | Suite = "quick"
+    archs: list[str] | None = None  # --arch values; None = the default line-up
+    data: str | None = None  # --data for the LM task; None = the default corpus
+    out: str | None = None  # report folder; None = arena-<suite>
+    fresh: bool = False
+    device: str = "auto"  # "auto" = the suite's device
+    time_budget_s: float | None = None  # overrides the suite's budget
+    tasks: list[str] | None = None  # task names or kinds to run; None = all
+    only: str | None = None  # "quality" or "speed"
+    stop_after_s: float | None = None  # start no new cell after this many seconds
+    progress: bool = True
+
+
+@dataclass
+class ArenaRun:
+    out: Path
+    complete: bool
+    cells_run: int = 0
+    cells_skipped: int = 0
+    cells_failed: int = 0
+    ran: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    id: str
+    kind: str  # "cache", "train", "infer", "quality"
+    arch: Arch
+    estimate_s: float
+    fp: Callable[[], str]  # fingerprint, computed when the cell is reached (the LR may depend on the sweep)
+    run: Callable[[float | None], dict]  # time cap -> record
+    length: int | None = None
+    task: TaskSpec | None = None
+    lr: float | None = None
+
+
+def _resolve_suite(opts: ArenaOptions) -> tuple[Suite, torch.device]:
+    suite = opts.suite if isinstance(opts.suite, Suite) else get_suite(opts.suite)
+    if opts.time_budget_s is not None:
+        if not opts.time_budget_s > 0:
+            raise ValueError(f"--time-budget {opts.time_budget_s} is invalid: it must be a positive number of seconds")
+        suite = replace(suite, time_budget_s=float(opts.time_budget_s))
+    name = suite.device if opts.device == "auto" else opts.device
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device {opts.device!r} is not one of auto, cpu, cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        if opts.device != "auto":
+            raise ValueError(f"--device {opts.device} asks for a CUDA GPU and this machine has none; use --device cpu")
+        raise ValueError(
+            f"--suite {suite.name} runs on a CUDA GPU and this machine has none; use --suite quick (or --device cpu)"
+        )
+    if opts.only not in (None, "quality", "speed"):
+        raise ValueError(f"--only {opts.only!r} is not one of quality, speed")
+    if opts.tasks:
+        known = {t.name for t in suite.tasks} | {t.kind for t in suite.tasks}
+        bad = [t for t in opts.tasks if t not in known]
+        if bad:
+            raise ValueError(
+                f"--tasks {bad[0]!r} is not a task of suite {suite.name}; its tasks are: {', '.join(sorted(known))}"
+            )
+        suite = replace(suite, tasks=tuple(t for t in suite.tasks if t.name in opts.tasks or t.kind in opts.tasks))
+    return suite, torch.device(name)
+
+
+def _machine_key(device: torch.device) -> str:
+    info = machine_info()
+    return info.get("gpu", "") if device.type == "cuda" else f"{info['processor']}x{info['torch_threads']}"
+
+
+class Arena:
+    def __init__(self, opts: ArenaOptions):
+        self.opts = opts
+        self.suite, self.device = _resolve_suite(opts)
+        self.archs, self.notes = resolve_archs(opts.archs, self.suite.quality_size, self.suite.speed_size)
+        self.out = Path(opts.out or f"arena-{self.suite.name}")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
+        self.corpus = None
+        if opts.only != "speed" and (opts.data is not None or any(t.kind == "lm" for t in self.suite.tasks)):
+            self.corpus = self._load_corpus()
+        self.store = ResultStore(self.out, fresh=opts.fresh)
+        self._data: dict[str, dict] = {}
+        self._machine = _machine_key(self.device)
+
+    # ---- inputs ---------------------------------------------------------------------------------
+    def _load_corpus(self):
+        from effarch.data.corpus import load_corpus
+
+        corpus = load_corpus(self.opts.data, max_bytes=self.suite.lm_max_bytes)
+        need = max((t.train_len for t in self.suite.tasks if t.kind == "lm"), default=0) + 2
+        for split in ("train", "val"):
+            n = getattr(corpus, split).numel()
+            if n < need:
+                raise ValueError(
+                    f"--data {corpus.source!r} gives only {n} {split} tokens; the LM task needs at least {need} "
+                    "(give more text)"
+                )
+        return corpus
+
+    def task_data(self, task: TaskSpec) -> dict:
+        """Batch sources and test sets of a task, built once per run."""
+        if task.name in self._data:
+            return self._data[task.name]
+        from effarch.data.batches import StreamBatches, TaskBatches
+
+        if task.kind == "lm":
+            d = {
+                "train": StreamBatches(self.corpus.train, task.train_len),
+                "val": StreamBatches(self.corpus.val, task.train_len),
+            }
+        else:
+            d = {"train": TaskBatches(*quality.make_task_data(task, task.train_len, "train", self.suite.seed))}
+            for n in task.lengths:
+                d[("test", n)] = quality.make_task_data(task, n, "test", self.suite.seed)
+        self._data[task.name] = d
+        return d
+
+    # ---- planning -------------------------------------------------------------------------------
+    def best_lr(self, arch: Arch) -> float:
+        """The rate with the best mean accuracy over the swept tasks, or the suite default."""
+        sweep = [t for t in self.suite.tasks if t.sweep]
+        scores: dict[float, list[float]] = {}
+        for t in sweep:
+            for lr in self.suite.lrs:
+                c = self.store.cells.get(self.quality_id(arch, t, lr))
+                if c and c.get("status") in ("ok", "diverged"):
+                    scores.setdefault(lr, []).append(float(c.get("accuracy", 0.0)))
+        full = {lr: sum(v) / len(v) for lr, v in scores.items() if len(v) == len(sweep)}
+        if not full:
+            return self.suite.default_lr
+        return max(full, key=lambda lr: (full[lr], -lr))
+
+    @staticmethod
+    def quality_id(arch: Arch, task: TaskSpec, lr: float) -> str:
+        return f"quality/{arch.label}/{task.name}/lr={lr:g}"
+
+    def plan(self) -> list[Cell]:
+        s = self.suite
+        cells: list[Cell] = []
+        if self.opts.only != "quality":
+            for a in self.archs:
+                cfg = a.speed_config.to_dict()
+                cells.append(Cell(
+                    f"cache/{a.label}", "cache", a, 0.05,
+                    lambda cfg=cfg: fingerprint({"config": cfg, "lengths": s.cache_lens}),
+                    lambda cap, a=a: speed.cache_cell(a.speed_config, s.cache_lens),
+                ))  # fmt: skip
+            for a in self.archs:
+                # Lengths interleaved, so a budget that runs out cuts the longest of both kinds.
+                for n in sorted(set(s.train_lens) | set(s.infer_lens)):
+                    if n in s.train_lens:
+                        cells.append(self._speed_cell(a, "train", n))
+                    if n in s.infer_lens:
+                        cells.append(self._speed_cell(a, "infer", n))
+        if self.opts.only != "speed":
+            for a in self.archs:
+                for t in [t for t in s.tasks if t.sweep] + [t for t in s.tasks if not t.sweep]:
+                    for lr in s.lrs if t.sweep else (None,):
+                        cells.append(self._quality_cell(a, t, lr))
+        return cells
+
+    def _speed_cell(self, a: Arch, kind: str, n: int) -> Cell:
+        s, dev = self.suite, self.device
+        cfg = a.speed_config.to_dict()
+        what = {"tokens": s.train_tokens} if kind == "train" else {"decode": s.decode_tokens}
+
+        def fp() -> str:
+            return fingerprint({"config": cfg, "length": n, **what, "repeats": s.repeats, "machine": self._machine})
+
+        def run(cap: float | None) -> dict:
+            cap = s.speed_time_cap_s if cap is None else cap
+            if kind == "train":
+                return speed.train_step_cell(
+                    a.speed_config, n, tokens=s.train_tokens, repeats=s.repeats, time_cap_s=cap, device=dev, seed=s.seed
+                )
+            return speed.inference_cell(
+                a.speed_config,
+                n,
+                decode_tokens=s.decode_tokens,
+                repeats=s.repeats,
+                time_cap_s=cap,
+                device=dev,
+                seed=s.seed,
+            )
+
+        return Cell(f"{kind}/{a.label}/T={n}", kind, a, 2.0 if dev.type == "cpu" else 5.0, fp, run, length=n)
+
+    def _quality_cell(self, a: Arch, t: TaskSpec, lr: float | None) -> Cell:
+        s, dev = self.suite, self.device
+        est = 60.0 if s.time_budget_s is None else 10.0
+        cell = Cell("", "quality", a, est, None, None, task=t, lr=lr)
+
+        def current_lr() -> float:
+            return lr if lr is not None else self.best_lr(a)
+
+        def fp() -> str:
+            cell.lr = current_lr()
+            cell.id = self.quality_id(a, t, cell.lr)
+            cfg = task_config(a.quality_config, t.vocab_size, max(t.lengths)).to_dict()
+            source = None if t.kind != "lm" else (self.corpus.source, int(self.corpus.train.numel()))
+            return fingerprint(
+                {
+                    "config": cfg,
+                    "task": asdict(t),
+                    "lr": cell.lr,
+                    "device": dev.type,
+                    "seed": s.seed,
+                    "budgeted": s.time_budget_s is not None,
+                    "data": source,
+                }
+            )
+
+        def run(cap: float | None) -> dict:
+            return quality.quality_cell(a, t, cell.lr, s, dev, time_cap_s=cap, data=self.task_data(t))
+
+        cell.fp, cell.run = fp, run
+        cell.id = self.quality_id(a, t, current_lr())
+        return cell
+
+    # ---- running --------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "suite": self.suite.to_dict(),
+            "device": str(self.device),
+            "machine": machine_info(),
+            "versions": versions(),
+            "seeds": {
+                "model_init": self.suite.seed,
+                "data": self.suite.seed,
+                "task_seed_rule": "crc32('seed:kind:name:length:split')",
+            },
+            "archs": {
+                a.label: {
+                    "spec": a.spec,
+                    "family": a.family,
+                    "paper": a.paper,
+                    "quality_config": a.quality_config.to_dict(),
+                    "speed_config": a.speed_config.to_dict(),
+                }
+                for a in self.archs
+            },
+            "data": None
+            if self.corpus is None
+            else {
+                "source": self.corpus.source,
+                "n_docs": self.corpus.n_docs,
+                "train_tokens": int(self.corpus.train.numel()),
+                "val_tokens": int(self.corpus.val.numel()),
+            },
+            "notes": self.notes,
+        }
+
+    def run(self) -> ArenaRun:
+        from effarch.arena.report import write_report
+
+        t_start = time.monotonic()
+        self.store.set_meta(**self.metadata())
+        self.store.flush()
+        cells = self.plan()
+        result = ArenaRun(self.out, complete=True)
+        pending = [c for c in cells if not self.store.done(c.id, c.fp())]
+        result.cells_skipped = len(cells) - len(pending)
+        n_quality = sum(c.kind == "quality" for c in pending)
+        stopped_speed: dict[tuple[str, str], str] = {}  # (kind, arch) whose length sweep ended -> why
+        speed_spent: dict[str, float] = {}  # arch -> seconds spent on its speed cells in this run
+        if self.suite.time_budget_s is not None:  # the budget itself is the best estimate of the time left
+            for kind, share in (("quality", self.suite.quality_share), ("speed", 1 - self.suite.quality_share)):
+                group = [c for c in pending if (c.kind == "quality") == (kind == "quality") and c.kind != "cache"]
+                for c in group:
+                    c.estimate_s = share * self.suite.time_budget_s / len(group)
+        bar = self._bar(sum(c.estimate_s for c in pending))
+        try:
+            for c in cells:
+                fp = c.fp()
+                if self.store.done(c.id, fp):
+                    if c.kind in ("train", "infer") and self.store.cells[c.id]["status"] in ("oom", "too_slow"):
+                        stopped_speed[(c.kind, c.arch.label)] = "a shorter length was too slow or out of memory"
+                    continue
+                if self.opts.stop_after_s is not None and time.monotonic() - t_start > self.opts.stop_after_s:
+                    result.complete = False
+                    break
+                if bar is not None:
+                    bar.set_postfix_str(c.id, refresh=True)
+                cap = None
+                if c.kind == "quality":
+                    cap = self._quality_cap(n_quality)
+                elif c.kind in ("train", "infer"):
+                    cap = self._speed_cap(speed_spent.get(c.arch.label, 0.0))
+                    if cap is not None and cap <= 0:
+                        stopped_speed.setdefault((c.kind, c.arch.label), "the architecture's speed budget was used up")
+                t0 = time.perf_counter()
+                if (c.kind, c.arch.label) in stopped_speed:
+                    why = stopped_speed[(c.kind, c.arch.label)]
+                    # Over budget is retried by the next run; too slow or out of memory is final.
+                    status = "too_slow" if "too slow" in why else "skipped"
+                    record = {"status": status, "length": c.length, "note": f"not run: {why}"}
+                else:
+                    record = self._run_cell(c, cap)
+                record["wall_s"] = time.perf_counter() - t0
+                if c.kind in ("train", "infer"):
+                    speed_spent[c.arch.label] = speed_spent.get(c.arch.label, 0.0) + record["wall_s"]
+                if cap is not None:
+                    record["time_cap_s"] = cap
+                if c.kind in ("train", "infer") and record.get("status") in ("oom", "too_slow"):
+                    stopped_speed.setdefault((c.kind, c.arch.label), "a shorter length was too slow or out of memory")
+                if c.kind in ("train", "infer") and record.get("status") == "error":
+                    # Retried by the next run, like the failed cell itself.
+                    stopped_speed.setdefault((c.kind, c.arch.label), "a shorter length failed (retried next run)")
+                where = {"task": c.task.name, "lr": c.lr} if c.kind == "quality" else {"length": c.length}
+                self.store.put(c.id, fp, {"kind": c.kind, "arch": c.arch.label, **where, **record})
+                result.cells_run += 1
+                result.ran.append(c.id)
+                result.cells_failed += record.get("status") == "error"
+                if bar is not None:
+                    bar.update(c.estimate_s)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.store.set_meta(
+                run={
+                    "planned_cells": [c.id for c in cells],
+                    "archs": [a.label for a in self.archs],
+                    "complete": result.complete,
+                    "elapsed_s": time.monotonic() - t_start,
+                }
+            )
+            self.store.flush()
+        write_report(self.out, self.store.data, self.suite, self.archs, [c.id for c in cells])
+        return result
+
+    def _quality_cap(self, n_quality: int) -> float | None:
+        """Every quality cell of a budgeted run gets the same share, so the architectures run last are not
+        starved when earlier cells overrun."""
+        s = self.suite
+        if s.time_budget_s is None:
+            return None
+        return float(min(s.cell_time_cap_s, max(1.0, s.quality_share * s.time_budget_s / max(1, n_quality))))
+
+    def _speed_cap(self, spent: float) -> float | None:
+        """Longest single step a speed cell may take: the suite's cap, within the architecture's share of
+        the speed budget ((1 - quality_share) of the total, split evenly) when there is a budget."""
+        s = self.suite
+        if s.time_budget_s is None:
+            return None
+        share = (1 - s.quality_share) * s.time_budget_s / len(self.archs)
+        left = share - spent
+        return 0.0 if left <= 0 else float(min(s.speed_time_cap_s, max(0.5, left / (s.repeats + 2))))
+
+    def _run_cell(self, c: Cell, cap: float | None) -> dict:
+        s = self.suite
+        if c.kind == "quality":  # training and scoring stop themselves; this catches the pathological
+            limit = 2 * (cap or s.cell_time_cap_s) + 10
+        elif c.kind in ("train", "infer"):
+            limit = (cap or s.speed_time_cap_s) * (s.repeats + 4) + 5
+        else:
+            limit = None
+        try:
+            with deadline(limit):
+                return c.run(cap)
+        except CellTimeout as e:
+            return {"status": "too_slow", "note": str(e)}
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # one failing architecture must not stop the others; the report shows it
+            msg = f"{type(e).__name__}: {e}"
+            if self.opts.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"arena: cell {c.id} failed: {msg}")
+            return {"status": "error", "note": msg[:500]}
+
+    def _bar(self, total_s: float):
+        if not self.opts.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=max(total_s, 1e-3),
+            desc=f"arena {self.suite.name}",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left{postfix}",
+            dynamic_ncols=True,
+        )
+
+
+def run_arena(opts: ArenaOptions) -> ArenaRun:
+    """Run (or resume) an arena and write report.md, the plots and results.json into the out folder."""
+    return Arena(opts).run()
