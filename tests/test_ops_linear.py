@@ -310,3 +310,24 @@ def test_bad_cu_seqlens(fn):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend 'cuda'"):
         call(linear_recurrence, make_inputs("additive", None, 1, 4), backend="cuda")
+
+
+def test_auto_falls_back_once_when_a_triton_kernel_cannot_be_built(monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("out of shared memory")
+
+    monkeypatch.setattr(lin, "_on_gpu", lambda q: True)
+    monkeypatch.setattr(lin, "_load_triton", lambda: (broken, lambda **kw: True))
+    monkeypatch.setattr(lin, "_triton_failed", set())
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    ref, _ = lin.linear_recurrence(q, k, v, backend="torch")
+    with pytest.warns(UserWarning, match="Triton kernels failed"):
+        out, _ = lin.linear_recurrence(q, k, v)
+    torch.testing.assert_close(out, ref)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lin.linear_recurrence(q, k, v)  # remembered: no second attempt, no second warning
+    assert len(calls) == 1

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_NO_PLAN_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
@@ -103,7 +106,13 @@ def attention(
         or (causal and tq == 1 and window is None)
     ):
         is_causal = simple_causal
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        if q.is_cuda and tq != tk:
+            # Decoding against a growing cache gives SDPA a new key length every step; keep the choice to
+            # kernels that need no per-shape plan (cuDNN builds one per new shape).
+            with sdpa_kernel(_NO_PLAN_BACKENDS):
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
     else:
         mask = attention_mask(tq, tk, causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)

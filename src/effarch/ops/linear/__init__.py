@@ -87,11 +87,34 @@ def linear_recurrence(
                 f"linear_recurrence backend 'triton' is unavailable ({triton}); use backend='torch' or 'auto'"
             )
         return triton[0](q, k, v, **kwargs)
-    if backend == "auto" and q.is_cuda:
+    if backend == "auto" and _on_gpu(q):
         triton = _load_triton()
-        if not isinstance(triton, ImportError) and triton[1](q=q, k=k, v=v, **kwargs):
-            return triton[0](q, k, v, **kwargs)
+        key = _signature(q, v, kwargs)
+        if not isinstance(triton, ImportError) and key not in _triton_failed and triton[1](q=q, k=k, v=v, **kwargs):
+            try:
+                return triton[0](q, k, v, **kwargs)
+            except (TypeError, RuntimeError) as e:
+                # A kernel that cannot be built for this shape (e.g. out of shared memory) is reported
+                # once; this shape then stays on the PyTorch form instead of failing the model.
+                _triton_failed.add(key)
+                warnings.warn(
+                    f"linear_recurrence: Triton kernels failed for {key} ({type(e).__name__}: {e}); "
+                    "using the PyTorch chunked form for this shape",
+                    stacklevel=2,
+                )
     return _torch_forms(q, k, v, **kwargs)
+
+
+_triton_failed: set[tuple] = set()
+
+
+def _on_gpu(q: torch.Tensor) -> bool:
+    return q.is_cuda
+
+
+def _signature(q: torch.Tensor, v: torch.Tensor, kwargs: dict) -> tuple:
+    g = kwargs["log_decay"]
+    return (kwargs["rule"], q.dtype, q.shape[-1], v.shape[-1], None if g is None else g.dim(), torch.is_grad_enabled())
 
 
 __all__ = [
