@@ -334,3 +334,28 @@ def test_inference_cell_measures_cache_and_latency_on_cpu():
     assert rec["status"] == "ok" and rec["prefill_s"] > 0 and len(rec["decode_times_s"]) == 2
     analytic = cache_cell(config, (32,), dtype=torch.float32)["cache_bytes"]["32"]
     assert rec["cache_bytes_measured"] == analytic  # the mixers' own accounting matches the real cache
+
+
+def test_summary_table_has_a_line_per_architecture(tmp_path):
+    from effarch.arena.cli import summary_table
+
+    cells = {
+        "quality/a/lm": {"arch": "a", "kind": "quality", "status": "ok", "task_kind": "lm", "task": "lm", "bpb": 2.5},
+        "quality/a/mqar": {
+            "arch": "a",
+            "kind": "quality",
+            "status": "ok",
+            "task_kind": "mqar",
+            "task": "m",
+            "accuracy": 0.5,
+        },
+        "train/a/256": {"arch": "a", "kind": "train", "status": "ok", "length": 256, "tokens_per_s": 1000.0},
+        "train/b/256": {"arch": "b", "kind": "train", "status": "ok", "length": 256, "tokens_per_s": 2000.0},
+        "cache/a": {"arch": "a", "kind": "cache", "status": "ok", "cache_bytes": {"256": 512, "512": 1024}},
+    }
+    (tmp_path / "results.json").write_text(json.dumps({"cells": cells}))
+    lines = summary_table(tmp_path / "results.json").splitlines()
+    assert len(lines) == 3
+    assert lines[1].split() == ["a", "2.500", "0.500", "1,000", "2.0"]
+    assert lines[2].split() == ["b", "-", "-", "2,000", "-"]
+    assert summary_table(tmp_path / "missing.json") == ""

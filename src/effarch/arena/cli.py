@@ -6,7 +6,9 @@ User mistakes raise ValueError with one sentence; the `effarch` command prints i
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_arena(opts)
     where = result.out / "report.md"
+    table = summary_table(result.out / "results.json")
+    if table:
+        print(table)
     if result.complete:
         print(f"arena: {result.cells_run} cells run, {result.cells_skipped} resumed; report: {where}")
     else:
@@ -85,6 +90,51 @@ def run(args: argparse.Namespace) -> int:
     if result.cells_failed:
         print(f"arena: {result.cells_failed} cells failed; see the Notes in {where}", file=sys.stderr)
     return 0
+
+
+def summary_table(results_path: Path) -> str:
+    """One line per architecture: validation bits per byte, mean synthetic accuracy, training tokens/s at
+    the longest length all reached, and inference cache bytes per token (bf16) at long context."""
+    try:
+        data = json.loads(Path(results_path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    cells = data.get("cells", {})
+    archs = list(dict.fromkeys(c["arch"] for c in cells.values() if "arch" in c))
+    if not archs:
+        return ""
+    ok = [c for c in cells.values() if c.get("status") == "ok"]
+    train_lens = sorted({c["length"] for c in ok if c.get("kind") == "train"})
+    common = [
+        n
+        for n in train_lens
+        if all(any(c.get("kind") == "train" and c["arch"] == a and c["length"] == n for c in ok) for a in archs)
+    ]
+    speed_len = common[-1] if common else None
+    rows = [
+        f"{'architecture':<20} {'val bpb':>8} {'accuracy':>9} {f'train tok/s @{speed_len}':>18} {'cache B/token':>14}"
+    ]
+    for a in archs:
+        q = [c for c in ok if c.get("kind") == "quality" and c["arch"] == a]
+        bpb = min((c["bpb"] for c in q if c.get("task_kind") == "lm"), default=None)
+        best: dict[str, float] = {}
+        for c in q:
+            if c.get("task_kind") != "lm":
+                best[c["task"]] = max(best.get(c["task"], 0.0), c.get("accuracy", 0.0))
+        acc = sum(best.values()) / len(best) if best else None
+        tps = next(
+            (c["tokens_per_s"] for c in ok if c.get("kind") == "train" and c["arch"] == a and c["length"] == speed_len),
+            None,
+        )
+        cache = next((c for c in ok if c.get("kind") == "cache" and c["arch"] == a), None)
+        per_tok = None
+        if cache:
+            lens = sorted(cache["cache_bytes"], key=int)
+            lo, hi = lens[-2], lens[-1]
+            per_tok = (cache["cache_bytes"][hi] - cache["cache_bytes"][lo]) / (int(hi) - int(lo))
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        rows.append(f"{a:<20} {fmt(bpb, '8.3f')} {fmt(acc, '9.3f')} {fmt(tps, '18,.0f')} {fmt(per_tok, '14,.1f')}")
+    return "\n".join(rows)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
