@@ -286,6 +286,15 @@ def test_time_budget_skips_over_budget_cells_and_retries_them(tmp_path, text_fil
     assert again.cells_run >= 1 and again.cells_skipped >= first.cells_run - len(skipped)
 
 
+def test_fixed_step_tasks_train_every_step_whatever_the_budget(tmp_path, text_file):
+    lm = replace(TINY.tasks[2], steps=7, fixed_steps=True)
+    budget = replace(TINY, time_budget_s=0.01, tasks=(lm,), lrs=(3e-3,))
+    run_arena(_opts(tmp_path, text_file, suite=budget, only="quality"))
+    cell = json.loads((tmp_path / "results.json").read_text())["cells"]["quality/transformer:debug/lm-16/lr=0.003"]
+    assert cell["status"] == "ok" and cell["steps"] == 7 and cell["tokens"] == 7 * lm.batch_size * lm.train_len
+    assert "time_cap_s" not in cell
+
+
 def test_default_line_up_has_one_preset_per_family_plus_hybrids():
     from effarch import registry
     from effarch.arena.archs import default_specs

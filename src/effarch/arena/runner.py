@@ -288,7 +288,7 @@ class Arena:
         result = ArenaRun(self.out, complete=True)
         pending = [c for c in cells if not self.store.done(c.id, c.fp())]
         result.cells_skipped = len(cells) - len(pending)
-        n_quality = sum(c.kind == "quality" for c in pending)
+        n_quality = sum(c.kind == "quality" and not c.task.fixed_steps for c in pending)
         stopped_speed: dict[tuple[str, str], str] = {}  # (kind, arch) whose length sweep ended -> why
         speed_spent: dict[str, float] = {}  # arch -> seconds spent on its speed cells in this run
         if self.suite.time_budget_s is not None:  # the budget itself is the best estimate of the time left
@@ -310,7 +310,7 @@ class Arena:
                 if bar is not None:
                     bar.set_postfix_str(c.id, refresh=True)
                 cap = None
-                if c.kind == "quality":
+                if c.kind == "quality" and not c.task.fixed_steps:
                     cap = self._quality_cap(n_quality)
                 elif c.kind in ("train", "infer"):
                     cap = self._speed_cap(speed_spent.get(c.arch.label, 0.0))

@@ -29,6 +29,9 @@ class TaskSpec:
     batch_size: int = 32
     steps: int = 400
     sweep: bool = False
+    # Every architecture trains exactly `steps` steps (a fixed token budget, as the LM comparison needs);
+    # the run's time budget does not shorten it, only the suite's per-cell cap can.
+    fixed_steps: bool = False
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -77,7 +80,7 @@ QUICK = Suite(
             "induction_heads-64", "induction_heads", 64, 16, {}, eval_lens=(64, 128, 256), batch_size=32, steps=1000
         ),
         TaskSpec("passkey-64", "passkey", 64, 32, {"key_len": 3}, eval_lens=(64, 128, 256), batch_size=32, steps=1000),
-        TaskSpec("lm-128", "lm", 128, 260, {}, n_test=64, batch_size=16, steps=1000),
+        TaskSpec("lm-128", "lm", 128, 260, {}, n_test=64, batch_size=16, steps=100, fixed_steps=True),
     ),
     lrs=(3e-3, 1e-2),
     default_lr=3e-3,
@@ -141,7 +144,7 @@ FULL = Suite(
             batch_size=64,
             steps=3000,
         ),
-        TaskSpec("lm-512", "lm", 512, 260, {}, n_test=64, batch_size=64, steps=3000),
+        TaskSpec("lm-512", "lm", 512, 260, {}, n_test=64, batch_size=64, steps=3000, fixed_steps=True),
     ),
     lrs=(1e-3, 3e-3, 1e-2),
     default_lr=3e-3,
