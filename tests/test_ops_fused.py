@@ -1,0 +1,226 @@
+"""Fused Triton training parts (RMSNorm + residual, SwiGLU, rotary) against their PyTorch references.
+
+On a machine without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1) at tiny shapes,
+float32: outputs and every gradient within rel 1e-5 of the reference, with last dimensions that are not
+powers of two. Every buffer the kernels fill starts as NaN (fused.POISON), so an element no kernel wrote
+fails. On CUDA: bfloat16 within rel 1e-2 of the float32 reference as well.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+CUDA = torch.cuda.is_available()
+# Triton picks the interpreter when a kernel is defined; when the kernel modules were imported earlier in
+# this process without it, the interpreter tests run in a fresh process.
+FRESH_PROCESS = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+_BEFORE = os.environ.get("TRITON_INTERPRET")
+if not CUDA and not FRESH_PROCESS:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from effarch.layers.norm import rms_norm as layer_rms_norm  # noqa: E402
+from effarch.ops import fused  # noqa: E402
+from effarch.ops.fused import (  # noqa: E402
+    apply_rotary,
+    apply_rotary_reference,
+    rms_norm,
+    rms_norm_reference,
+    swiglu,
+    swiglu_reference,
+)
+
+DEV = "cuda" if CUDA else "cpu"
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_environment():
+    yield
+    if _BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _BEFORE
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_only(request):
+    if FRESH_PROCESS and request.node.name != "test_in_fresh_process":
+        pytest.skip("Triton was imported without the interpreter; test_in_fresh_process runs these")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(fused, "POISON", True)
+
+
+def test_in_fresh_process():
+    if not FRESH_PROCESS:
+        return  # the tests ran in this process
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
+                       cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _randn(*shape, seed, dtype=torch.float32, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(DEV, dtype).requires_grad_(grad)
+
+
+def _grads(outs, inputs, seed):
+    """Gradients of a random linear function of `outs` with respect to the `inputs` that require them."""
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(seed + 1000)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(DEV)).sum() for o in outs)
+    ins = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(loss, ins)
+
+
+def _check(outs, refs, inputs, seed, tol=TOL):
+    outs_t = outs if isinstance(outs, tuple) else (outs,)
+    refs_t = refs if isinstance(refs, tuple) else (refs,)
+    for o, r in zip(outs_t, refs_t, strict=True):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert rel_err(o, r) < tol
+    for go, gr in zip(_grads(outs, inputs, seed), _grads(refs, inputs, seed), strict=True):
+        assert torch.isfinite(go).all()
+        assert rel_err(go, gr) < tol
+
+
+# RMSNorm --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 12), (2, 5, 40), (4, 100), (2, 3000)])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_rms_norm_matches_reference(shape, with_residual, with_weight):
+    x = _randn(*shape, seed=0)
+    w = _randn(shape[-1], seed=1) if with_weight else None
+    r = _randn(*shape, seed=2) if with_residual else None
+    out = rms_norm(x, w, 1e-6, r, backend="triton")
+    ref = rms_norm_reference(x, w, 1e-6, r)
+    _check(out, ref, (x, w, r), seed=3)
+
+
+@pytest.mark.parametrize("programs", [4, 3])
+def test_rms_norm_backward_several_rows_per_program(monkeypatch, programs):
+    # 10 rows over 4 programs: 3 rows each and a last program with 1 row past the end.
+    module = sys.modules["effarch.ops.fused.rms_norm"]  # the package's `rms_norm` is the function
+    monkeypatch.setattr(module, "BWD_PROGRAMS", programs)
+    x, w, r = _randn(10, 36, seed=0), _randn(36, seed=1), _randn(10, 36, seed=2)
+    _check(rms_norm(x, w, 1e-6, r, backend="triton"), rms_norm_reference(x, w, 1e-6, r), (x, w, r), seed=3)
+
+
+def test_rms_norm_residual_without_grad():
+    x, w = _randn(5, 24, seed=0), _randn(24, seed=1)
+    r = _randn(5, 24, seed=2, grad=False)
+    _check(rms_norm(x, w, 1e-5, r, backend="triton"), rms_norm_reference(x, w, 1e-5, r), (x, w), seed=4)
+
+
+def test_rms_norm_reference_is_the_layer_norm():
+    x, w = _randn(3, 7, 20, seed=0, grad=False), _randn(20, seed=1, grad=False)
+    assert torch.equal(rms_norm_reference(x, w, 1e-6), layer_rms_norm(x, w, 1e-6))
+    r = _randn(3, 7, 20, seed=2, grad=False)
+    y, s = rms_norm_reference(x, w, 1e-6, r)
+    assert torch.equal(s, x + r) and torch.equal(y, layer_rms_norm(x + r, w, 1e-6))
+
+
+# SwiGLU ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (2, 1100)])
+def test_swiglu_matches_reference(shape):
+    a, b = _randn(*shape, seed=0), _randn(*shape, seed=1)
+    _check(swiglu(a, b, backend="triton"), swiglu_reference(a, b), (a, b), seed=2)
+
+
+def test_swiglu_reference_is_the_definition():
+    a, b = _randn(4, 9, seed=0, dtype=torch.float64), _randn(4, 9, seed=1, dtype=torch.float64)
+    assert rel_err(swiglu_reference(a, b), a * torch.sigmoid(a) * b) < 1e-14
+
+
+# Rotary ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,T,H,D", [(2, 5, 3, 10), (1, 7, 4, 24), (2, 3, 1, 6)])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rotary_matches_reference(B, T, H, D, per_batch):
+    x = _randn(B, T, H, D, seed=0)
+    angles = _randn(*((B,) if per_batch else ()), T, D // 2, seed=1, grad=False) * 3
+    cos, sin = angles.cos(), angles.sin()
+    _check(apply_rotary(x, cos, sin, backend="triton"), apply_rotary_reference(x, cos, sin), (x,), seed=2)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_rotary_table_gradients(per_batch):
+    x = _randn(2, 4, 3, 8, seed=0)
+    cos = _randn(*((2,) if per_batch else ()), 4, 4, seed=1)
+    sin = _randn(*((2,) if per_batch else ()), 4, 4, seed=2)
+    _check(apply_rotary(x, cos, sin, backend="triton"), apply_rotary_reference(x, cos, sin), (x, cos, sin), seed=3)
+
+
+def test_rotary_backward_is_the_inverse_rotation():
+    x = _randn(1, 6, 2, 10, seed=0)
+    angles = _randn(6, 5, seed=1, grad=False)
+    y = apply_rotary(x, angles.cos(), angles.sin(), backend="triton")
+    (dx,) = torch.autograd.grad(y, x, y.detach())  # J^T y = R(-angle) R(angle) x = x
+    assert rel_err(dx, x) < TOL
+
+
+# Backend choice and input checks ---------------------------------------------------------------------------
+
+
+def test_auto_backend():
+    x, w = _randn(3, 10, seed=0, grad=False), _randn(10, seed=1, grad=False)
+    out = rms_norm(x, w, 1e-6)  # CPU tensors -> the reference; CUDA tensors -> the kernel
+    assert rel_err(out, rms_norm_reference(x, w, 1e-6)) < TOL
+    assert fused.use_triton("auto", x) == (CUDA and fused.HAS_TRITON)
+    x64 = x.double()
+    assert not fused.use_triton("auto", x64)
+    assert torch.equal(swiglu(x64, x64), swiglu_reference(x64, x64))
+
+
+def test_bad_inputs():
+    x = _randn(2, 3, 4, 6, seed=0, grad=False)
+    with pytest.raises(ValueError, match="backend"):
+        swiglu(x, x, backend="fast")
+    with pytest.raises(ValueError, match="dtypes"):
+        swiglu(x.double(), x.double(), backend="triton")
+    with pytest.raises(ValueError, match="b has shape"):
+        swiglu(x, x[0], backend="triton")
+    with pytest.raises(ValueError, match="weight has shape"):
+        rms_norm(x, torch.ones(5, device=DEV), 1e-6)
+    with pytest.raises(ValueError, match="residual has shape"):
+        rms_norm(x, None, 1e-6, x[0])
+    with pytest.raises(ValueError, match="cos has shape"):
+        apply_rotary(x, torch.ones(4, 2, device=DEV), torch.ones(4, 2, device=DEV))
+    with pytest.raises(ValueError, match="D even"):
+        apply_rotary(x[..., :5], torch.ones(3, 2, device=DEV), torch.ones(3, 2, device=DEV))
+
+
+@pytest.mark.skipif(not CUDA, reason="bfloat16 kernels are checked on CUDA only")
+def test_bfloat16_on_cuda():
+    x, w, r = _randn(64, 4096, seed=0), _randn(4096, seed=1), _randn(64, 4096, seed=2)
+    xb, wb, rb = (t.detach().bfloat16().requires_grad_() for t in (x, w, r))
+    yb, sb = rms_norm(xb, wb, 1e-6, rb)
+    y, s = rms_norm_reference(x, w, 1e-6, r)
+    assert rel_err(yb, y) < 1e-2 and rel_err(sb, s) < 1e-2
+    for gb, g in zip(_grads((yb, sb), (xb, wb, rb), 0), _grads((y, s), (x, w, r), 0), strict=True):
+        assert rel_err(gb, g) < 1e-2
+    a, b = _randn(8, 3000, seed=3), _randn(8, 3000, seed=4)
+    assert rel_err(swiglu(a.bfloat16(), b.bfloat16()), F.silu(a) * b) < 1e-2
+    q = _randn(2, 33, 8, 128, seed=5)
+    ang = _randn(33, 64, seed=6, grad=False)
+    assert (
+        rel_err(apply_rotary(q.bfloat16(), ang.cos(), ang.sin()), apply_rotary_reference(q, ang.cos(), ang.sin()))
+        < 1e-2
+    )
