@@ -124,3 +124,77 @@ def measure_decode_latency(
             _sync(device)
             times.append(time.perf_counter() - t0)
     return {"batch": batch, "context": context, "ms": 1e3 * statistics.median(times), "cache_bytes": cache.nbytes()}
+
+
+def bench_model(
+    what: str,
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch: int | None = None,
+    seq_len: int = 1024,
+    steps: int = 5,
+    prompt_len: int = 128,
+    new_tokens: int = 64,
+    compile_blocks: bool = False,
+    cuda_graph: bool = False,
+) -> str:
+    """`effarch bench train|generate` for a preset or config file; returns a one-line report."""
+    from effarch.models.lm import CausalLM
+    from effarch.models.presets import resolve_config
+    from effarch.utils import default_device
+
+    dev = default_device() if device == "auto" else torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    if cuda_graph and dev.type != "cuda":
+        raise ValueError("--cuda-graph needs a CUDA device")
+    for name, v in (("seq_len", seq_len), ("steps", steps), ("prompt_len", prompt_len), ("new_tokens", new_tokens)):
+        if v < 1:
+            raise ValueError(f"{name}={v} must be a positive integer")
+    config = resolve_config(spec)
+    dt = torch.bfloat16 if (dtype == "bf16" or (dtype == "auto" and dev.type == "cuda")) else torch.float32
+    torch.manual_seed(0)
+    model = CausalLM(config).to(dev, dt)
+    n = model.num_parameters()
+    if what == "train":
+        if compile_blocks:
+            from effarch.compile import compile_model
+
+            compile_model(model)
+        b = batch or 4
+        r = measure_train_step(
+            model,
+            lambda m, ids: m(ids, targets=ids.roll(-1, 1), return_logits=False).loss,
+            batch=b,
+            seq_len=seq_len,
+            vocab_size=config.vocab_size,
+            steps=steps,
+            warmup=2,
+        )
+        if r.get("oom"):
+            return f"{config.name or spec}: out of memory at batch {b} x {seq_len}"
+        mem = "" if r["peak_mem_bytes"] is None else f", peak {r['peak_mem_bytes'] / 2**30:.2f} GiB"
+        flops = model.flops_per_token(seq_len) * 3 * r["tokens_per_s"]
+        return (
+            f"{config.name or spec} ({n / 1e6:.1f}M params, {dt}, {dev.type}): train {b} x {seq_len}: "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, {flops / 1e12:.2f} TFLOP/s{mem}"
+        )
+    if what == "generate":
+        b = batch or 1
+        model.eval()
+        r = measure_generate(
+            lambda p, k: model.generate(p, k, temperature=0, cuda_graph=cuda_graph),
+            batch=b,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            vocab_size=config.vocab_size,
+            device=dev,
+        )
+        cache = sum(model.cache_nbytes(prompt_len + new_tokens, b, dt))
+        return (
+            f"{config.name or spec} ({n / 1e6:.1f}M params, {dt}, {dev.type}): generate batch {b}, prompt "
+            f"{prompt_len}, {new_tokens} new: {r['tokens_per_s']:,.1f} new tokens/s, cache {cache / 2**20:.2f} MiB"
+        )
+    raise ValueError(f"bench {what!r} is not one of 'ops', 'train', 'generate'")

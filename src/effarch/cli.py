@@ -16,16 +16,9 @@ class UsageError(ValueError):
 
 
 def _load_config(spec: str):
-    """A preset (`name` or `name:size`) or a JSON config file."""
-    from effarch.models.config import ModelConfig
-    from effarch.models.presets import preset_config
+    from effarch.models.presets import resolve_config
 
-    if spec.endswith(".json") or Path(spec).is_file():
-        return ModelConfig.from_json(spec)
-    try:
-        return preset_config(spec)
-    except KeyError as e:
-        raise UsageError(f"{spec!r} is neither a config file nor a preset; {e.args[0].split('; ', 1)[-1]}") from None
+    return resolve_config(spec)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -138,8 +138,12 @@ def summary_table(results_path: Path) -> str:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the flags of `effarch bench ops`."""
-    parser.add_argument("what", choices=["ops"], help="ops: op-level kernels side by side")
+    """Add the flags of `effarch bench ops|train|generate`."""
+    parser.add_argument(
+        "what",
+        choices=["ops", "train", "generate"],
+        help="ops: op-level kernels side by side; train / generate: a model's training step or generation speed",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--results", default=None, help="markdown file to append to (default: benchmarks/RESULTS.md of this checkout)"
@@ -148,10 +152,40 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-scripts", action="store_true", help="skip the repository's benchmark scripts (benchmarks/linear_*.py)"
     )
+    parser.add_argument(
+        "--model", default="transformer:small", help="train/generate: preset (name:size) or config JSON"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="train: default 4; generate: default 1")
+    parser.add_argument("--seq-len", type=int, default=1024, help="train: tokens per sequence")
+    parser.add_argument("--steps", type=int, default=5, help="train: timed steps (after 2 warm-up steps)")
+    parser.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=64, help="generate: tokens to generate")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
+    parser.add_argument("--compile", action="store_true", help="train: torch.compile the blocks first")
+    parser.add_argument("--cuda-graph", action="store_true", help="generate: replay a captured decode step (CUDA)")
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from effarch.arena.bench import run_ops_bench
+    if args.what == "ops":
+        from effarch.arena.bench import run_ops_bench
 
-    run_ops_bench(device=args.device, results=args.results, write=not args.no_write, scripts=not args.no_scripts)
+        run_ops_bench(device=args.device, results=args.results, write=not args.no_write, scripts=not args.no_scripts)
+        return 0
+    from effarch.benchmarking import bench_model
+
+    print(
+        bench_model(
+            args.what,
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            batch=args.batch_size,
+            seq_len=args.seq_len,
+            steps=args.steps,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            compile_blocks=args.compile,
+            cuda_graph=args.cuda_graph,
+        )
+    )
     return 0

@@ -21,4 +21,18 @@ def preset_config(spec: str):
     return entry.obj(size)
 
 
-__all__ = ["SIZES", "DEFAULT_SIZE", "preset_config", "pure_config"]
+def resolve_config(spec: str):
+    """A preset (`name` or `name:size`) or a JSON config file, as the command line accepts them."""
+    from pathlib import Path
+
+    from effarch.models.config import ModelConfig
+
+    if spec.endswith(".json") or Path(spec).is_file():
+        return ModelConfig.from_json(spec)
+    try:
+        return preset_config(spec)
+    except KeyError as e:
+        raise ValueError(f"{spec!r} is neither a config file nor a preset; {e.args[0].split('; ', 1)[-1]}") from None
+
+
+__all__ = ["SIZES", "DEFAULT_SIZE", "preset_config", "pure_config", "resolve_config"]
