@@ -118,7 +118,9 @@ def test_bench_train_and_generate_report_a_line(capsys):
     code, out, err = run(capsys, "bench", "train", "--model", "transformer:debug", "--seq-len", "32", "--steps", "1")
     assert code == 0, err
     assert "tokens/s" in out and "train 4 x 32" in out
-    code, out, err = run(capsys, "bench", "generate", "--model", "mamba2:debug", "--prompt-len", "8", "--new-tokens", "4")
+    code, out, err = run(
+        capsys, "bench", "generate", "--model", "mamba2:debug", "--prompt-len", "8", "--new-tokens", "4"
+    )
     assert code == 0, err
     assert "new tokens/s" in out
 
