@@ -8,22 +8,13 @@ fails. On CUDA: bfloat16 within rel 1e-2 of the float32 reference as well.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-
-CUDA = torch.cuda.is_available()
-# Triton picks the interpreter when a kernel is defined; when the kernel modules were imported earlier in
-# this process without it, the interpreter tests run in a fresh process.
-FRESH_PROCESS = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not CUDA and not FRESH_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
 
@@ -42,33 +33,13 @@ DEV = "cuda" if CUDA else "cpu"
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_environment():
-    yield
-    if _BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _BEFORE
-
-
-@pytest.fixture(autouse=True)
-def _fresh_process_only(request):
-    if FRESH_PROCESS and request.node.name != "test_in_fresh_process":
-        pytest.skip("Triton was imported without the interpreter; test_in_fresh_process runs these")
-
-
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(fused, "POISON", True)
 
 
 def test_in_fresh_process():
-    if not FRESH_PROCESS:
-        return  # the tests ran in this process
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                       cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_file_in_fresh_process(__file__)
 
 
 def _randn(*shape, seed, dtype=torch.float32, grad=True):

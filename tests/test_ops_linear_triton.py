@@ -18,14 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rel_err
-
-CUDA = torch.cuda.is_available()
-# Without CUDA the kernels run under the Triton interpreter, which Triton picks when it is imported. When
-# something imported Triton earlier in this process without it, the interpreter tests run in a fresh one.
-FRESH_PROCESS = not CUDA and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-_BEFORE = os.environ.get("TRITON_INTERPRET")
-if not CUDA and not FRESH_PROCESS:
-    os.environ["TRITON_INTERPRET"] = "1"
+from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
 
@@ -50,28 +43,8 @@ CASES = {  # id: (rule, decay kind)
 TOL = {"fixed": 2e-5}  # its gradient is a sum over every token: more float32 rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_environment():
-    yield
-    if _BEFORE is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _BEFORE
-
-
-@pytest.fixture(autouse=True)
-def _fresh_process_only(request):
-    if FRESH_PROCESS and request.node.name != "test_in_fresh_process":
-        pytest.skip("Triton was imported without the interpreter; test_in_fresh_process runs these")
-
-
 def test_in_fresh_process():
-    if not FRESH_PROCESS:
-        return  # the tests ran in this process
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], env=env,
-                       cwd=os.path.dirname(__file__), capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    run_file_in_fresh_process(__file__)
 
 
 @pytest.fixture(autouse=True)
