@@ -136,3 +136,8 @@ def test_bench_train_and_generate_report_a_line(capsys):
 def test_bench_bad_input(capsys, argv, message):
     code, _, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    p = subprocess.run(f"{sys.executable} -m effarch.cli list | head -1", shell=True, capture_output=True, text=True)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and len(p.stdout.splitlines()) == 1
