@@ -76,6 +76,7 @@ def test_train_then_generate(capsys, tmp_path):
         (["generate", "--model", "transformer:debug", "--checkpoint", "x"], "exactly one of"),
         (["generate", "--checkpoint", "/nonexistent/run"], "does not exist"),
         (["generate", "--model", "transformer:debug", "--top-p", "2"], "top_p"),
+        (["generate", "--model", "transformer:debug", "--prefill-chunk", "0"], "chunk_size=0"),
     ],
 )
 def test_bad_input_is_one_clear_sentence(capsys, tmp_path, monkeypatch, argv, message):

@@ -123,3 +123,14 @@ def test_cuda_graph_decode_equals_eager(name):
     a = model.generate(prompt, 16, temperature=0)
     b = model.generate(prompt, 16, temperature=0, cuda_graph=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_chunked_prefill_equals_one_call(name):
+    model = debug_model(name)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 19))
+    a = model.generate(prompt, 6, temperature=0)
+    b = model.generate(prompt, 6, temperature=0, prefill_chunk=5)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.generate(prompt, 2, prefill_chunk=0)

@@ -157,6 +157,7 @@ def cmd_generate(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         eos_token_id=tok.eos_id,
+        prefill_chunk=args.prefill_chunk,
     )
     sys.stdout.write(tok.decode(out[0]) + "\n")
     return 0
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prefill-chunk", type=int, default=None, help="feed a long prompt in pieces of this many tokens")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("arena", help="run architectures side by side and write a report")

@@ -41,10 +41,24 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model, input_ids: torch.Tensor):
-    """Run the prompt once; returns (last-position logits [B, vocab], cache)."""
-    out = model(input_ids, use_cache=True)
-    return out.logits[:, -1], out.cache
+def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
+    """Run the prompt; returns (last-position logits [B, vocab], cache).
+
+    With `chunk_size`, the prompt goes in pieces of that many tokens with the cache carried across (the
+    split/carry contract makes this equal to one call), so a long prompt never needs activations, or
+    attention scores, for all of its tokens at once.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"prefill chunk_size={chunk_size} must be a positive number of tokens")
+    T = input_ids.shape[1]
+    if chunk_size is None or chunk_size >= T:
+        out = model(input_ids, use_cache=True)
+        return out.logits[:, -1], out.cache
+    cache = None
+    for start in range(0, T, chunk_size):
+        out = model(input_ids[:, start : start + chunk_size], cache=cache, use_cache=True)
+        cache = out.cache
+    return out.logits[:, -1], cache
 
 
 def decode_step(model, token: torch.Tensor, cache):
@@ -134,12 +148,14 @@ def generate(
     eos_token_id: int | None = None,
     static_cache: bool = False,
     cuda_graph: bool = False,
+    prefill_chunk: int | None = None,
 ) -> torch.Tensor:
     """Prompt [B, T] -> [B, T + n]; rows that emit `eos_token_id` keep emitting it.
 
     static_cache: preallocate KV caches to T + n tokens (no reallocation per step). cuda_graph: capture
     the decode step once and replay it (CUDA only; implies static_cache). Token-for-token the same as the
-    plain loop up to floating-point summation order.
+    plain loop up to floating-point summation order. prefill_chunk: feed the prompt in pieces of this
+    many tokens (long prompts).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, time] tensor; got shape {tuple(input_ids.shape)}")
@@ -157,7 +173,7 @@ def generate(
         out = [input_ids]
         if max_new_tokens == 0:
             return input_ids
-        logits, cache = prefill(model, input_ids)
+        logits, cache = prefill(model, input_ids, prefill_chunk)
         if static_cache or cuda_graph:
             cache = cache.to_static(input_ids.shape[1] + max_new_tokens)
         step = GraphedDecodeStep(model, cache, input_ids.shape[0], input_ids.device) if cuda_graph else None
