@@ -134,3 +134,13 @@ def test_chunked_prefill_equals_one_call(name):
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="chunk_size"):
         model.generate(prompt, 2, prefill_chunk=0)
+
+
+@pytest.mark.parametrize("name", ["transformer-swa", "samba"])
+def test_static_cache_after_the_window_has_dropped_tokens(name):
+    model = debug_model(name)
+    window = model.blocks[-1].mixer.window
+    prompt = torch.randint(0, model.config.vocab_size, (2, window + 7))  # older keys already dropped
+    a = model.generate(prompt, 10, temperature=0)
+    b = model.generate(prompt, 10, temperature=0, static_cache=True)
+    assert torch.equal(a, b)

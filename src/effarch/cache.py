@@ -45,30 +45,31 @@ class StaticKVCache:
     """Preallocated keys and values `[B, L_max, H_kv, D]` written in place at a device-side position.
 
     Nothing changes shape between decode steps, so a step can be captured once in a CUDA graph and
-    replayed (as gpt-fast does). `pos` is an int64 tensor [] on the cache's device; `length` mirrors it
-    on the host for code that runs outside graph replays.
+    replayed (as gpt-fast does). `pos` is the next buffer slot, an int64 tensor [] on the cache's device;
+    `length` mirrors it on the host for code that runs outside graph replays. Slot i holds the token at
+    absolute position `base + i` (`base` > 0 when a windowed cache had already dropped older tokens).
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int):
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, base: int = 0):
         self.k, self.v = k, v
         self.pos = torch.tensor(length, dtype=torch.int64, device=k.device)
-        self.length = length
+        self.length, self.base = length, base
 
     @classmethod
     def from_kv(cls, cache: KVCache, max_len: int) -> StaticKVCache:
-        if cache.offset:
-            raise ValueError("a windowed KV cache that already dropped tokens cannot become a static cache")
+        """Room for `max_len` tokens in all (absolute count, as `seq_len` counts)."""
         B, T, H, D = cache.k.shape
-        if max_len < T:
-            raise ValueError(f"max_len={max_len} is shorter than the {T} cached tokens")
-        k = cache.k.new_zeros(B, max_len, H, D)
-        v = cache.v.new_zeros(B, max_len, H, cache.v.shape[-1])
+        slots = max_len - cache.offset
+        if slots < T:
+            raise ValueError(f"max_len={max_len} is shorter than the {cache.seq_len} tokens already processed")
+        k = cache.k.new_zeros(B, slots, H, D)
+        v = cache.v.new_zeros(B, slots, H, cache.v.shape[-1])
         k[:, :T], v[:, :T] = cache.k, cache.v
-        return cls(k, v, T)
+        return cls(k, v, T, base=cache.offset)
 
     @property
     def seq_len(self) -> int:
-        return self.length
+        return self.base + self.length
 
     @property
     def max_len(self) -> int:

@@ -90,9 +90,9 @@ class Attention(TokenMixer):
 
     def _forward_static(self, q, k, v, state: StaticKVCache, B: int, T: int):
         """Decode / chunked prefill into a preallocated cache: shapes never change, so it can be graphed."""
-        positions = state.pos + torch.arange(T, device=q.device)
+        positions = state.pos + torch.arange(T, device=q.device)  # buffer slots of the new tokens
         if self.rotary_dim:
-            cos, sin = rotary_angles(positions, self.rotary_dim, self.rope_base)
+            cos, sin = rotary_angles(state.base + positions, self.rotary_dim, self.rope_base)
             q = apply_rotary(q, cos, sin, self.rotary_dim)
             k = apply_rotary(k, cos, sin, self.rotary_dim)
         state.write(k, v)
