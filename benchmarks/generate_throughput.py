@@ -23,7 +23,7 @@ CONTEXTS = (1024, 4096, 16384, 32768)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--presets", default="transformer,gla,gated_deltanet,mamba2,hybrid-gdn")
+    p.add_argument("--presets", default="transformer,gla,gated-deltanet,mamba2,hybrid-gdn")
     p.add_argument("--size", default="large")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)

@@ -70,7 +70,7 @@ def peers():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--presets", default="transformer,gla,gated_deltanet,mamba2,hybrid-gdn")
+    p.add_argument("--presets", default="transformer,gla,gated-deltanet,mamba2,hybrid-gdn")
     p.add_argument("--size", default="large")
     p.add_argument("--compile", action="store_true", help="torch.compile effarch blocks")
     p.add_argument("--steps", type=int, default=8)
