@@ -9,11 +9,8 @@ dated section to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +23,6 @@ CASES = {  # name: (rule, log_decay shape or None)
     "additive, per-key decay [B,T,H,K]": ("additive", "per_key"),
     "delta, scalar decay [B,T,H]": ("delta", "scalar"),
 }
-RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def make_inputs(rule: str, decay: str | None, B: int, T: int, H: int, K: int, V: int) -> tuple:
@@ -65,16 +61,6 @@ def measure(q, k, v, kw: dict, chunk_size: int, repeats: int) -> tuple[float, fl
     return ref, fwd, fb
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=1)
@@ -100,16 +86,13 @@ def main() -> None:
     table = "\n".join(rows)
     print("\n" + table)
     if a.write:
-        header = (
-            f"\n## Linear recurrence on CPU, {datetime.date.today().isoformat()}\n\n"
-            f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, 1-min load average {load:.1f} at the start; torch {torch.__version__}; "
-            f"B={a.B}, T={a.T}, H={a.H}, K={a.K}, V={a.V}, float32, chunk {a.chunk_size}; best of {a.repeats} runs "
-            "after a warm-up. `benchmarks/linear_cpu.py`.\n\n"
+        from results import RESULTS, append_section
+
+        append_section(
+            "Linear recurrence on CPU",
+            f"1-min load average {load:.1f} at the start; B={a.B}, T={a.T}, H={a.H}, K={a.K}, V={a.V}, float32, "
+            f"chunk {a.chunk_size}; best of {a.repeats} runs after a warm-up. `benchmarks/linear_cpu.py`.\n\n{table}",
         )
-        if not RESULTS.exists():
-            RESULTS.write_text("# effarch benchmark results\n")
-        with RESULTS.open("a") as f:
-            f.write(header + table + "\n")
         print(f"appended to {RESULTS}")
 
 

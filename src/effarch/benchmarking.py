@@ -4,11 +4,59 @@ throughput of any model (effarch's or a peer's), with peak memory, measured the 
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+RESULTS_TITLE = "# effarch benchmark results\n"
+
+
+def environment() -> dict:
+    """Date, device and library versions of this machine, as every benchmark section records them."""
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("triton", "fla", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional peers; any import failure means "not measured"
+            env[mod] = None
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        env["cpu"] = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def append_results(path: str | os.PathLike, title: str, body: str) -> str:
+    """Append `## date - title`, the environment line and `body` to a results markdown file (atomically);
+    returns the section."""
+    from pathlib import Path
+
+    from effarch.utils import atomic_write_text
+
+    env = environment()
+    device = env.get("gpu") or env.get("cpu")
+    versions = ", ".join(f"{k} {v}" for k, v in env.items() if k not in ("date", "gpu", "cpu") and v)
+    section = f"## {env['date']} - {title}\n\n{device}; {versions}\n\n{body.rstrip()}\n"
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else RESULTS_TITLE
+    atomic_write_text(path, old.rstrip("\n") + "\n\n" + section)
+    return section
 
 
 def _sync(device: torch.device) -> None:

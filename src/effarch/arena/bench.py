@@ -18,9 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from effarch.utils import atomic_write_text
-
-TITLE = "# effarch benchmark results\n"
+from effarch.benchmarking import append_results
 
 # (op, device) -> (dtype, heads, head dim, tokens per call B*T, lengths T, repetitions on CPU)
 SHAPES = {
@@ -178,18 +176,20 @@ def run_ops_bench(device: str = "auto", results: str | None = None, write: bool 
         raise ValueError(f"--device {device!r} is not one of auto, cpu, cuda")
     dev = torch.device(device)
     header = ["op", "T × B", "fwd ms", "fwd+bwd ms", "Mtok/s fwd+bwd", "TFLOP/s fwd / fwd+bwd"]
-    parts = [f"## {time.strftime('%Y-%m-%d')} effarch bench ops ({dev.type})", "", _environment(dev), ""]
+    parts = []
     for measure in (attention_rows, linear_rows):
         title, rows = measure(dev)
         parts += [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         parts += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     text = "\n".join(parts)
-    print(text)
     path = Path(results) if results else _benchmarks_dir() / "RESULTS.md"
+    title = f"effarch bench ops ({dev.type})"
     if write:
-        old = path.read_text(encoding="utf-8") if path.exists() else TITLE
-        atomic_write_text(path, old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
+        text = append_results(path, title, text)
+        print(text)
         print(f"appended to {path}")
+    else:
+        print(f"{title}\n\n{_environment(dev)}\n\n{text}")
     if scripts:
         script = _benchmarks_dir() / ("linear_ops.py" if dev.type == "cuda" else "linear_cpu.py")
         if script.is_file():
