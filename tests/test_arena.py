@@ -368,3 +368,32 @@ def test_summary_table_has_a_line_per_architecture(tmp_path):
     assert lines[1].split() == ["a", "2.500", "0.500", "1,000", "2.0"]
     assert lines[2].split() == ["b", "-", "-", "2,000", "-"]
     assert summary_table(tmp_path / "missing.json") == ""
+
+
+def test_workers_run_each_architecture_in_its_own_process_and_resume(tmp_path, text_file):
+    archs = ["transformer:debug", "retnet:debug"]
+    run = run_arena(_opts(tmp_path, text_file, archs=archs, workers=2, only="quality"))
+    assert run.complete and run.cells_failed == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    quality = [c for c in data["cells"].values() if c["kind"] == "quality"]
+    assert len(quality) == 2 * 4 and all(c["status"] == "ok" for c in quality)
+    assert {c["arch"] for c in quality} == set(archs)
+    # each job kept its own store and log
+    for label in archs:
+        folder = tmp_path / ".workers" / f"quality-{label.replace(':', '_')}"
+        assert (folder / "results.json").exists() and (folder / "log.txt").exists()
+    assert "Status" in (tmp_path / "report.md").read_text()
+    again = run_arena(_opts(tmp_path, text_file, archs=archs, workers=2, only="quality"))
+    assert again.cells_run == 0 and again.cells_skipped == 2 * 4
+
+
+def test_bad_worker_count_is_refused(tmp_path, text_file):
+    with pytest.raises(ValueError, match="--workers 0 is invalid"):
+        run_arena(_opts(tmp_path, text_file, workers=0))
+
+
+def test_suite_survives_a_json_round_trip():
+    from effarch.arena.suites import FULL, Suite
+
+    for suite in (QUICK, FULL, TINY):
+        assert Suite.from_dict(json.loads(json.dumps(suite.to_dict()))) == suite

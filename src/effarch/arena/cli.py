@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="start no new cell after this long (resume later by running again)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes for the quality cells, one architecture each (default: 4 per GPU on CUDA, 1 on a CPU); "
+        "speed cells use one process per GPU; a time budget then applies to each process",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -73,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         only=args.only,
         stop_after_s=args.stop_after,
         progress=not args.quiet,
+        workers=args.workers,
     )
     result = run_arena(opts)
     where = result.out / "report.md"

@@ -37,6 +37,9 @@ class ArenaOptions:
     only: str | None = None  # "quality" or "speed"
     stop_after_s: float | None = None  # start no new cell after this many seconds
     progress: bool = True
+    # Processes for the quality cells (one architecture per process); None = auto: 4 per GPU on CUDA,
+    # 1 on a CPU. Speed cells use at most one process per GPU.
+    workers: int | None = None
 
 
 @dataclass
@@ -77,6 +80,8 @@ def _resolve_suite(opts: ArenaOptions) -> tuple[Suite, torch.device]:
         raise ValueError(
             f"--suite {suite.name} runs on a CUDA GPU and this machine has none; use --suite quick (or --device cpu)"
         )
+    if opts.workers is not None and (not isinstance(opts.workers, int) or opts.workers < 1):
+        raise ValueError(f"--workers {opts.workers!r} is invalid: it must be a positive integer")
     if opts.only not in (None, "quality", "speed"):
         raise ValueError(f"--only {opts.only!r} is not one of quality, speed")
     if opts.tasks:
@@ -278,8 +283,48 @@ class Arena:
             "notes": self.notes,
         }
 
-    def run(self) -> ArenaRun:
-        from effarch.arena.report import write_report
+    def gpus(self) -> list[int] | None:
+        """The GPUs jobs are spread over (None on a CPU)."""
+        if self.device.type != "cuda":
+            return None
+        if self.device.index is not None:
+            return [self.device.index]
+        return list(range(torch.cuda.device_count()))
+
+    def quality_workers(self) -> int:
+        if self.opts.workers is not None:
+            return self.opts.workers
+        gpus = self.gpus()
+        return 4 * len(gpus) if gpus else 1
+
+    def _run_parallel(self, t_start: float) -> tuple[list[str], set[str]]:
+        """Run the pending cells in worker processes (speed first, then quality). Returns notes and the ids of
+        the cells the jobs attempted, which the serial pass then leaves alone (a failure is not retried in
+        the same run)."""
+        from effarch.arena.parallel import run_jobs
+
+        gpus = self.gpus()
+        before = {cid: dict(c) for cid, c in self.store.cells.items()}
+        notes: list[str] = []
+        phases = [p for p in ("speed", "quality") if self.opts.only in (None, p)]
+        for phase in phases:
+            # Timings are only taken one job per GPU; on a CPU they stay in this process, one at a time.
+            slots = len(gpus or []) if phase == "speed" else self.quality_workers()
+            if slots <= 1:
+                continue
+            left = None
+            if self.opts.stop_after_s is not None:
+                left = self.opts.stop_after_s - (time.monotonic() - t_start)
+                if left <= 0:
+                    break
+            notes += run_jobs(
+                self, phase, min(slots, len(self.archs)), gpus, deadline_s=left, progress=self.opts.progress
+            )
+        attempted = {cid for cid, c in self.store.cells.items() if before.get(cid) != c}
+        return notes, attempted
+
+    def run(self, *, write_report: bool = True) -> ArenaRun:
+        from effarch.arena.report import write_report as write
 
         t_start = time.monotonic()
         self.store.set_meta(**self.metadata())
@@ -288,6 +333,15 @@ class Arena:
         result = ArenaRun(self.out, complete=True)
         pending = [c for c in cells if not self.store.done(c.id, c.fp())]
         result.cells_skipped = len(cells) - len(pending)
+        attempted: set[str] = set()
+        if pending and (self.quality_workers() > 1 or len(self.gpus() or []) > 1):
+            notes, attempted = self._run_parallel(t_start)
+            if notes:
+                self.store.set_meta(notes=self.notes + notes)
+            result.cells_run += len(attempted)
+            result.ran += sorted(attempted)
+            result.cells_failed += sum(self.store.cells[c].get("status") == "error" for c in attempted)
+            pending = [c for c in pending if c.id not in attempted and not self.store.done(c.id, c.fp())]
         n_quality = sum(c.kind == "quality" and not c.task.fixed_steps for c in pending)
         stopped_speed: dict[tuple[str, str], str] = {}  # (kind, arch) whose length sweep ended -> why
         speed_spent: dict[str, float] = {}  # arch -> seconds spent on its speed cells in this run
@@ -300,6 +354,8 @@ class Arena:
         try:
             for c in cells:
                 fp = c.fp()
+                if c.id in attempted:
+                    continue
                 if self.store.done(c.id, fp):
                     if c.kind in ("train", "infer") and self.store.cells[c.id]["status"] in ("oom", "too_slow"):
                         stopped_speed[(c.kind, c.arch.label)] = "a shorter length was too slow or out of memory"
@@ -353,7 +409,8 @@ class Arena:
                 }
             )
             self.store.flush()
-        write_report(self.out, self.store.data, self.suite, self.archs, [c.id for c in cells])
+        if write_report:
+            write(self.out, self.store.data, self.suite, self.archs, [c.id for c in cells])
         return result
 
     def _quality_cap(self, n_quality: int) -> float | None:
