@@ -32,6 +32,7 @@ from effarch.ops.linear import linear_recurrence_reference  # noqa: E402
 from effarch.ops.linear.triton import linear_recurrence_step_triton, linear_recurrence_triton  # noqa: E402
 
 H, D, C = 16, 128, 64
+PARTIAL: str | None = None  # --json path, rewritten after every measurement
 CASES = {  # name: (rule, decay kind, fla op name)
     "linear attention": ("additive", None, "chunk_linear_attn"),
     "fixed decay [H] (RetNet)": ("additive", "fixed", "chunk_simple_gla"),
@@ -202,14 +203,19 @@ def measure(label, call, tensors, flops, nbytes, results, T):
     except Exception as e:  # noqa: BLE001
         row["skipped"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     results.append(row)
+    if PARTIAL is not None:  # every row on disk as it lands, so a run stopped early keeps its figures
+        Path(PARTIAL).write_text(json.dumps({"results": results}, indent=1))
     done = " ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
     print(f"{label:48s} T={T:6d} {done} {row.get('skipped', '')}", flush=True)
     torch.cuda.empty_cache()
 
 
-def speed(Ts, with_fla, peers, results):
+def speed(Ts, with_fla, peers, results, deadline=None):
     for T in Ts:
-        B = 32768 // T
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"time limit reached: T = {T} and longer not measured", flush=True)
+            break
+        B = max(1, 32768 // T)  # B*T = 32K tokens; longer T run at B = 1
         io = B * T * H * D * 2
         for name, (rule, decay, fla_op) in CASES.items():
             call, tensors = ours_case(rule, decay, B, T)
@@ -293,7 +299,7 @@ def profile(T=8192) -> str:
 
     lines = []
     for name, (rule, decay, _) in CASES.items():
-        call, tensors = ours_case(rule, decay, 32768 // T, T)
+        call, tensors = ours_case(rule, decay, max(1, 32768 // T), T)
         for _ in range(2):
             fwd_bwd(call, tensors)()
         torch.cuda.synchronize()
@@ -348,7 +354,11 @@ def main() -> None:
     ap.add_argument("--T", default="2048,8192,32768")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    ap.add_argument("--time-limit", type=float, default=None, help="start no new length after this many seconds")
     args = ap.parse_args()
+    global PARTIAL
+    PARTIAL = args.json
+    deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
     peers = set(args.peers.split(","))
     with_fla = "fla" in peers
     if with_fla:
@@ -365,7 +375,7 @@ def main() -> None:
         profile()
     results: list[dict] = []
     if not args.check_only:
-        speed([int(t) for t in args.T.split(",")], with_fla, peers, results)
+        speed([int(t) for t in args.T.split(",")], with_fla, peers, results, deadline)
         decode(with_fla, results)
     text = table(results, check_rows)
     print(text)

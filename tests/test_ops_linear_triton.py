@@ -268,3 +268,19 @@ def test_cuda_float32_packed_matches_reference():
     ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
     assert_all_close(ours, ref, 1e-4)  # float32 products formed exactly ("ieee"); reductions reorder
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_autocast_runs_float32_features_in_the_autocast_dtype():
+    """Under autocast, a float32 q (an L2-normalised feature map) must not pull the kernel onto exact float32
+    products: the result equals the call with every input already in bf16."""
+    from effarch.ops.linear import linear_recurrence
+
+    q, k, v, kw = make("delta", "scalar", 2, 300, 2, 64, 64)
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        o, s = linear_recurrence(q, k, v.bfloat16(), **kw, output_final_state=True)
+    o16, s16 = linear_recurrence(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw, output_final_state=True, backend="triton")
+    assert o.dtype == torch.bfloat16
+    torch.testing.assert_close(o, o16, rtol=0, atol=0)
+    torch.testing.assert_close(s, s16, rtol=0, atol=0)
