@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="processes for the quality cells, one architecture each (default: 4 per GPU on CUDA, 1 on a CPU); "
+        help="processes for the quality cells, one architecture each (default: one per GPU, 1 on a CPU); "
         "speed cells use one process per GPU; a time budget then applies to each process",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

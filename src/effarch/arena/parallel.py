@@ -1,9 +1,9 @@
 """Run an arena's cells in several processes: one job per architecture, spread over the GPUs.
 
 An architecture's quality cells stay in one process, because its unswept tasks reuse the learning rate
-its sweep found. Small models leave most of a GPU idle (their steps are bound by kernel launches), so
-several quality jobs share each GPU. Speed cells run at most one job per GPU, so no two timings share a
-device. Each job is `python -m effarch.arena.worker` with its own results.json under `<out>/.workers/`,
+its sweep found. Jobs are spread over the GPUs; more jobs than GPUs is allowed but buys little, since
+processes sharing a GPU take turns on it (measured on an H200: 12 small-model jobs on one GPU each ran
+about 12x slower than alone). Speed cells run at most one job per GPU, so no two timings share a device. Each job is `python -m effarch.arena.worker` with its own results.json under `<out>/.workers/`,
 seeded with the cells already finished, and merged back into the run's results.json when it ends; a job
 that dies leaves its finished cells behind and its log beside them.
 """
@@ -73,7 +73,8 @@ def run_jobs(
     time (job i on GPU gpus[i % len(gpus)]); merge their cells into arena.store. Returns notes on jobs
     that failed."""
     suite_json = json.dumps(arena.suite.to_dict(), default=str)
-    queue = [Job(a.label, a.spec, job_folder(arena.out, phase, a.label)) for a in arena.archs]
+    archs = arena.quality_order() if phase == "quality" else arena.archs
+    queue = [Job(a.label, a.spec, job_folder(arena.out, phase, a.label)) for a in archs]
     running: list[Job] = []
     notes: list[str] = []
     free = list(range(slots))

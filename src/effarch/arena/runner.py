@@ -37,8 +37,8 @@ class ArenaOptions:
     only: str | None = None  # "quality" or "speed"
     stop_after_s: float | None = None  # start no new cell after this many seconds
     progress: bool = True
-    # Processes for the quality cells (one architecture per process); None = auto: 4 per GPU on CUDA,
-    # 1 on a CPU. Speed cells use at most one process per GPU.
+    # Processes for the quality cells (one architecture per process); None = auto: one per GPU (processes
+    # sharing a GPU take turns on it rather than overlapping), 1 on a CPU. Speed cells use one per GPU.
     workers: int | None = None
 
 
@@ -163,6 +163,14 @@ class Arena:
             return self.suite.default_lr
         return max(full, key=lambda lr: (full[lr], -lr))
 
+    def quality_order(self) -> list[Arch]:
+        """Architectures in the order their quality cells run: those the literature check compares first
+        (attention, delta rule, fixed decay), so a run stopped early can already say whether MQAR orders as
+        published."""
+        from effarch.arena.literature import classify
+
+        return sorted(self.archs, key=lambda a: classify(a.quality_config) is None)
+
     @staticmethod
     def quality_id(arch: Arch, task: TaskSpec, lr: float) -> str:
         return f"quality/{arch.label}/{task.name}/lr={lr:g}"
@@ -186,7 +194,7 @@ class Arena:
                     if n in s.infer_lens:
                         cells.append(self._speed_cell(a, "infer", n))
         if self.opts.only != "speed":
-            for a in self.archs:
+            for a in self.quality_order():
                 for t in [t for t in s.tasks if t.sweep] + [t for t in s.tasks if not t.sweep]:
                     for lr in s.lrs if t.sweep else (None,):
                         cells.append(self._quality_cell(a, t, lr))
@@ -295,7 +303,7 @@ class Arena:
         if self.opts.workers is not None:
             return self.opts.workers
         gpus = self.gpus()
-        return 4 * len(gpus) if gpus else 1
+        return len(gpus) if gpus else 1
 
     def _run_parallel(self, t_start: float) -> tuple[list[str], set[str]]:
         """Run the pending cells in worker processes (speed first, then quality). Returns notes and the ids of
