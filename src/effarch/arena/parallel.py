@@ -68,12 +68,14 @@ def run_jobs(
     *,
     deadline_s: float | None,
     progress: bool,
+    only: set[str] | None = None,
 ) -> list[str]:
-    """Run `phase` ("quality" or "speed") for every architecture of `arena` with up to `slots` jobs at a
-    time (job i on GPU gpus[i % len(gpus)]); merge their cells into arena.store. Returns notes on jobs
-    that failed."""
+    """Run `phase` ("quality" or "speed") for the architectures of `arena` (those labelled in `only`, or all)
+    with up to `slots` jobs at a time (job i on GPU gpus[i % len(gpus)]); merge their cells into arena.store.
+    Returns notes on jobs that failed."""
     suite_json = json.dumps(arena.suite.to_dict(), default=str)
     archs = arena.quality_order() if phase == "quality" else arena.archs
+    archs = [a for a in archs if only is None or a.label in only]
     queue = [Job(a.label, a.spec, job_folder(arena.out, phase, a.label)) for a in archs]
     running: list[Job] = []
     notes: list[str] = []

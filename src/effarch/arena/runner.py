@@ -309,12 +309,19 @@ class Arena:
         """Run the pending cells in worker processes (speed first, then quality). Returns notes and the ids of
         the cells the jobs attempted, which the serial pass then leaves alone (a failure is not retried in
         the same run)."""
-        from effarch.arena.parallel import run_jobs
+        from effarch.arena.parallel import job_folder, read_cells, run_jobs
 
         gpus = self.gpus()
+        phases = [p for p in ("speed", "quality") if self.opts.only in (None, p)]
+        if not self.opts.fresh:  # cells a job finished after an earlier run was stopped before merging them
+            for phase in phases:
+                for a in self.archs:
+                    for cid, c in read_cells(job_folder(self.out, phase, a.label)).items():
+                        if c.get("arch") == a.label and cid not in self.store.cells:
+                            self.store.cells[cid] = c
+            self.store.flush()
         before = {cid: dict(c) for cid, c in self.store.cells.items()}
         notes: list[str] = []
-        phases = [p for p in ("speed", "quality") if self.opts.only in (None, p)]
         for phase in phases:
             # Timings are only taken one job per GPU; on a CPU they stay in this process, one at a time.
             slots = len(gpus or []) if phase == "speed" else self.quality_workers()
@@ -325,9 +332,12 @@ class Arena:
                 left = self.opts.stop_after_s - (time.monotonic() - t_start)
                 if left <= 0:
                     break
-            notes += run_jobs(
-                self, phase, min(slots, len(self.archs)), gpus, deadline_s=left, progress=self.opts.progress
-            )
+            kinds = ("quality",) if phase == "quality" else ("cache", "train", "infer")
+            todo = {c.arch.label for c in self.plan() if c.kind in kinds and not self.store.done(c.id, c.fp())}
+            if todo:
+                notes += run_jobs(
+                    self, phase, min(slots, len(todo)), gpus, deadline_s=left, progress=self.opts.progress, only=todo
+                )
         attempted = {cid for cid, c in self.store.cells.items() if before.get(cid) != c}
         return notes, attempted
 
