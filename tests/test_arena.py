@@ -397,3 +397,28 @@ def test_suite_survives_a_json_round_trip():
 
     for suite in (QUICK, FULL, TINY):
         assert Suite.from_dict(json.loads(json.dumps(suite.to_dict()))) == suite
+
+
+def test_literature_summary_over_the_grid():
+    from effarch.arena.literature import summarize
+
+    def rows(task, attn, delta, fixed):
+        return [
+            {"task": task, "arch": "t", "class": "attention", "accuracy": attn, "state_bytes": 1},
+            {"task": task, "arch": "d", "class": "delta rule", "accuracy": delta, "state_bytes": 1},
+            {"task": task, "arch": "r", "class": "fixed-decay linear attention", "accuracy": fixed, "state_bytes": 1},
+        ]
+
+    easy_then_hard = check_mqar(rows("easy", 0.99, 1.0, 0.98) + rows("hard", 0.99, 0.99, 0.01))
+    lines = {line.split(":")[0]: line for line in summarize(easy_then_hard)}
+    assert "agrees on every task" in lines["attention solves MQAR"]
+    far = lines["fixed-decay linear attention far below"]
+    assert "agrees on hard, disagrees on easy" in far and "only on the easier tasks" in far
+    # a disagreement on the harder task is not explained away
+    hard_then_easy = check_mqar(
+        rows("hard", 0.99, 0.99, 0.01)[:0] + rows("a", 0.99, 0.99, 0.01) + rows("b", 0.99, 1.0, 0.98)
+    )
+    far = {line.split(":")[0]: line for line in summarize(hard_then_easy)}["fixed-decay linear attention far below"]
+    assert "disagrees on b" in far and "only on the easier" not in far
+    unsolved = summarize(check_mqar(rows("x", 0.3, 0.2, 0.1)))
+    assert any("not shown" in line for line in unsolved)

@@ -114,3 +114,33 @@ def check_mqar(rows: list[dict]) -> list[dict]:
                                    for n, st, why in checks[1:]]  # fmt: skip
         out.append({"task": task, "best": best, "checks": checks, "budget_note": unsolved})
     return out
+
+
+def summarize(verdicts: list[dict]) -> list[str]:
+    """One sentence per published statement over the whole MQAR grid (tasks in order of difficulty, as
+    `check_mqar` returns them): where it holds, where it does not, and whether a disagreement sits only on
+    easier tasks than an agreement, which matches the published trend that gaps grow with the pairs a
+    fixed-size state must hold."""
+    names = list(dict.fromkeys(n for v in verdicts for n, _, _ in v["checks"]))
+    out = []
+    for name in names:
+        by_task = [(v["task"], st) for v in verdicts for n, st, _ in v["checks"] if n == name]
+        agree = [t for t, st in by_task if st == "agrees"]
+        disagree = [t for t, st in by_task if st == "disagrees"]
+        other = [t for t, st in by_task if st not in ("agrees", "disagrees")]
+        if not agree and not disagree:
+            out.append(f"{name}: not shown ({', '.join(other)}: {by_task[0][1]}).")
+            continue
+        if not disagree:
+            out.append(f"{name}: agrees on every task measured ({', '.join(agree)}).")
+            continue
+        order = [t for t, _ in by_task]
+        easier_only = agree and max(order.index(t) for t in disagree) < min(order.index(t) for t in agree)
+        text = f"{name}: agrees on {', '.join(agree) or 'none'}, disagrees on {', '.join(disagree)}"
+        if easier_only:
+            text += (
+                " - only on the easier tasks, with fewer pairs to hold: the published gap grows with the "
+                "number of pairs against a fixed state, and appears here once the task is hard enough"
+            )
+        out.append(text + ".")
+    return out

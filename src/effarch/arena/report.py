@@ -293,7 +293,9 @@ def _literature_section(t: Tables, meta: dict) -> str:
         [r["task"], r["arch"], r["class"] or "other", f"{r['accuracy']:.3f}", _bytes(r["state_bytes"])] for r in rows
     ]
     parts.append(_table(["task", "architecture", "class", "accuracy", "state at T (bf16 KV / fp32 state)"], table))
-    for v in literature.check_mqar(rows):
+    verdicts = literature.check_mqar(rows)
+    parts.append("\nOver the grid:\n\n" + "\n".join(f"- {line}" for line in literature.summarize(verdicts)))
+    for v in verdicts:
         lines = [f"- {name}: **{status}** ({why})" for name, status, why in v["checks"]]
         parts.append(f"\n**{v['task']}**\n\n" + "\n".join(lines))
         if v["budget_note"]:
