@@ -1,8 +1,13 @@
-"""Training throughput of effarch presets beside transformers' Llama and fla's models of the same size.
+"""Training throughput of effarch presets beside transformers' Llama and fla's GLA of the same size.
 
-One run measures everyone at T = 2K x 16, 8K x 4, 32K x 1 (tokens/s and peak memory; bf16 weights,
-fused AdamW). The ~341M comparison size: d_model 1024, 24 layers, FFN 2816, vocab 32000.
-Usage: python benchmarks/train_throughput.py [--presets transformer,gla,...] [--compile] [--write]
+On CUDA one run measures everyone at T = 2K x 16, 8K x 4, 32K x 1: tokens/s (median step of forward, backward
+and AdamW) and peak memory, with bf16 weights and fused AdamW for every model. The ~341M comparison size
+("large"): d_model 1024, 24 layers, FFN 2816, vocab 32000; the peers are built at the same size. effarch runs
+its fused Triton kernels (RMSNorm + residual, SwiGLU, rotary) unless --no-fused. On the CPU (float32, plain
+AdamW) it is a smoke run: `--size debug --device cpu --shapes 2x64 --steps 1`.
+Usage: python benchmarks/train_throughput.py [--presets transformer,gla,...] [--size large]
+       [--shapes 16x2048,4x8192,1x32768] [--device auto|cuda|cpu] [--compile] [--no-fused] [--no-peers]
+       [--json FILE] [--write]
 """
 
 from __future__ import annotations
@@ -11,15 +16,16 @@ import argparse
 import json
 
 import torch
+from peers import device_and_dtype, free_cuda_memory, parse_shapes, peer_size, tokens, train_peers
 from results import append_section, environment
 
 from effarch import build_model
 from effarch.benchmarking import measure_train_step
 from effarch.compile import compile_model
-from effarch.models.presets import preset_config
+from effarch.models.presets import SIZES, preset_config
+from effarch.ops import fused
 
-SHAPES = [(16, 2048), (4, 8192), (1, 32768)]
-D, LAYERS, FFN, VOCAB, HEADS = 1024, 24, 2816, 32000, 8
+SHAPES = "16x2048,4x8192,1x32768"
 
 
 def effarch_loss(model, ids):
@@ -30,115 +36,94 @@ def hf_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def peers():
-    """(name, builder) of peer models; missing libraries are skipped with a note."""
-    out, notes = [], []
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+def _cell(r: dict) -> str:
+    if r.get("oom"):
+        return "OOM"
+    mem = "" if r["peak_mem_bytes"] is None else f" ({r['peak_mem_bytes'] / 2**30:.1f})"
+    return f"{r['tokens_per_s'] / 1e3:.1f}{mem}"
 
-        cfg = LlamaConfig(
-            hidden_size=D,
-            intermediate_size=FFN,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            num_key_value_heads=HEADS,
-            vocab_size=VOCAB,
-            max_position_embeddings=32768,
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-        )
-        out.append(("transformers Llama (SDPA)", lambda: LlamaForCausalLM(cfg)))
-    except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
-        notes.append(f"transformers unavailable: {e}")
-    try:
-        from fla.models import GLAConfig, GLAForCausalLM
 
-        gcfg = GLAConfig(
-            hidden_size=D,
-            intermediate_size=FFN,
-            num_hidden_layers=LAYERS,
-            num_heads=4,
-            vocab_size=VOCAB,
-            tie_word_embeddings=True,
-            fuse_cross_entropy=True,
-        )
-        out.append(("fla GLA", lambda: GLAForCausalLM(gcfg)))
-    except Exception as e:  # noqa: BLE001
-        notes.append(f"fla unavailable: {e}")
-    return out, notes
+def table(rows: list[dict], shapes: list[tuple[int, int]], notes: list[str]) -> str:
+    lines = [
+        "| model | params | " + " | ".join(f"{tokens(t)} x {b} ktok/s (GiB)" for b, t in shapes) + " |",
+        "|---|---|" + "---|" * len(shapes),
+    ]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [x for x in rows if x["model"] == name]
+        cells = [_cell(next(x for x in mine if (x["batch"], x["seq_len"]) == shape)) for shape in shapes]
+        lines.append(f"| {name} | {mine[0]['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [f"- {n}" for n in notes])
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="transformer,gla,gated-deltanet,mamba2,hybrid-gdn")
-    p.add_argument("--size", default="large")
+    p.add_argument("--size", default="large", choices=list(SIZES))
+    p.add_argument("--shapes", default=SHAPES, help="BATCHxLENGTH,... (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile effarch blocks")
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per shape (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--no-fused", action="store_true", help="effarch on its PyTorch path, not the fused kernels")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--json", help="also write raw figures to this file")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("train_throughput.py measures GPU training; no CUDA device is available")
-    dev = torch.device("cuda")
-    candidates = []
+    shapes = parse_shapes(args.shapes)
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
+    dev, dtype = device_and_dtype(args.device)
+    if args.no_fused:
+        fused.use_fused(False)
+    kernels = fused.enabled(dev, dtype)
+    candidates = []  # (name, builder, loss, vocabulary, fused kernels)
     for name in args.presets.split(","):
         try:
             cfg = preset_config(f"{name}:{args.size}")
         except (KeyError, ValueError) as e:
             print(f"skip {name}: {e}")
             continue
-        candidates.append(
-            (
-                f"effarch {name}" + (" (compiled)" if args.compile else ""),
-                lambda cfg=cfg: compile_model(build_model(cfg)) if args.compile else build_model(cfg),
-                effarch_loss,
-            )
-        )
+        label = f"effarch {name}" + (" (compiled)" if args.compile else "") + (" (unfused)" if args.no_fused else "")
+        build = lambda cfg=cfg: compile_model(build_model(cfg)) if args.compile else build_model(cfg)
+        candidates.append((label, build, effarch_loss, cfg.vocab_size, kernels))
     notes = []
     if not args.no_peers:
-        found, notes = peers()
-        candidates += [(n, b, hf_loss) for n, b in found]
+        found, notes = train_peers(args.size)
+        candidates += [(n, b, hf_loss, peer_size(args.size)["vocab"], None) for n, b in found]
     rows = []
-    for name, builder, loss_of in candidates:
+    for name, builder, loss_of, vocab, kernels in candidates:
         torch.manual_seed(0)
-        model = builder().to(dev, torch.bfloat16).train()
-        n_params = sum(p.numel() for p in model.parameters())
-        for batch, seq in SHAPES:
-            r = measure_train_step(model, loss_of, batch=batch, seq_len=seq, vocab_size=VOCAB, steps=args.steps)
-            r.update(model=name, params=n_params)
-            rows.append(r)
-            shown = (
-                "OOM"
-                if r.get("oom")
-                else f"{r['tokens_per_s'] / 1e3:8.1f} ktok/s  {r['peak_mem_bytes'] / 2**30:6.1f} GiB"
-            )
-            print(f"{name:<34} {seq:>6} x {batch:<3} {shown}", flush=True)
-        del model
-        torch.cuda.empty_cache()
-    lines = [
-        "| model | params | " + " | ".join(f"{s // 1024}K x {b} ktok/s (GiB)" for b, s in SHAPES) + " |",
-        "|---|---|" + "---|" * len(SHAPES),
-    ]
-    for name in dict.fromkeys(r["model"] for r in rows):
-        cells = []
-        for _, s in SHAPES:
-            r = next(x for x in rows if x["model"] == name and x["seq_len"] == s)
-            cells.append(
-                "OOM" if r.get("oom") else f"{r['tokens_per_s'] / 1e3:.1f} ({r['peak_mem_bytes'] / 2**30:.1f})"
-            )
-        params = next(x["params"] for x in rows if x["model"] == name)
-        lines.append(f"| {name} | {params / 1e6:.0f}M | " + " | ".join(cells) + " |")
-    table = "\n".join(lines + [f"- {n}" for n in notes])
-    print(table)
+        try:
+            model = builder().to(dev, dtype).train()
+            n_params = sum(p.numel() for p in model.parameters())
+            for batch, seq in shapes:
+                r = measure_train_step(
+                    model, loss_of, batch=batch, seq_len=seq, vocab_size=vocab, steps=args.steps, warmup=args.warmup
+                )
+                r.update(model=name, params=n_params, dtype=str(dtype).removeprefix("torch."), fused=kernels)
+                rows.append(r)
+                print(f"{name:<40} {tokens(seq):>6} x {batch:<3} {_cell(r)}", flush=True)
+        except Exception as e:
+            if loss_of is effarch_loss:
+                raise
+            # A peer that fails here (fla's kernels on the CPU, say) is a note, not a failed run.
+            rows = [r for r in rows if r["model"] != name]
+            notes.append(f"{name} failed: {type(e).__name__}: {e}")
+            print(notes[-1], flush=True)
+        model = None
+        free_cuda_memory(dev)
+    body = table(rows, shapes, notes)
+    print(body)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"env": environment(), "rows": rows}, f, indent=2)
+            json.dump({"env": environment(), "device": dev.type, "size": args.size, "rows": rows}, f, indent=2)
     if args.write:
+        s = peer_size(args.size)
         append_section(
-            f"Training throughput, {args.size} size (d {D}, {LAYERS} layers, FFN {FFN}, vocab {VOCAB}), "
-            "bf16 weights, fused AdamW, median of steps",
-            table,
+            f"Training throughput, {args.size} size (d {s['d_model']}, {s['n_layers']} layers, FFN {s['ffn']}, "
+            f"vocab {s['vocab']}), {str(dtype).removeprefix('torch.')} weights, "
+            f"{'fused ' if dev.type == 'cuda' else ''}AdamW, median of {args.steps} steps",
+            body,
         )
 
 

@@ -26,6 +26,7 @@ from effarch.ops.fused import (  # noqa: E402
     rms_norm,
     rms_norm_reference,
     swiglu,
+    swiglu_packed,
     swiglu_reference,
 )
 
@@ -85,7 +86,7 @@ def test_rms_norm_matches_reference(shape, with_residual, with_weight):
 @pytest.mark.parametrize("programs", [4, 3])
 def test_rms_norm_backward_several_rows_per_program(monkeypatch, programs):
     # 10 rows over 4 programs: 3 rows each and a last program with 1 row past the end.
-    module = sys.modules["effarch.ops.fused.rms_norm"]  # the package's `rms_norm` is the function
+    module = sys.modules["effarch.ops.fused.norm"]
     monkeypatch.setattr(module, "BWD_PROGRAMS", programs)
     x, w, r = _randn(10, 36, seed=0), _randn(36, seed=1), _randn(10, 36, seed=2)
     _check(rms_norm(x, w, 1e-6, r, backend="triton"), rms_norm_reference(x, w, 1e-6, r), (x, w, r), seed=3)
@@ -99,10 +100,11 @@ def test_rms_norm_residual_without_grad():
 
 def test_rms_norm_reference_is_the_layer_norm():
     x, w = _randn(3, 7, 20, seed=0, grad=False), _randn(20, seed=1, grad=False)
-    assert torch.equal(rms_norm_reference(x, w, 1e-6), layer_rms_norm(x, w, 1e-6))
     r = _randn(3, 7, 20, seed=2, grad=False)
     y, s = rms_norm_reference(x, w, 1e-6, r)
-    assert torch.equal(s, x + r) and torch.equal(y, layer_rms_norm(x + r, w, 1e-6))
+    with fused.use_fused(False):  # on CUDA the layer would otherwise take the kernel
+        assert torch.equal(rms_norm_reference(x, w, 1e-6), layer_rms_norm(x, w, 1e-6))
+        assert torch.equal(s, x + r) and torch.equal(y, layer_rms_norm(x + r, w, 1e-6))
 
 
 # SwiGLU ---------------------------------------------------------------------------------------------------
@@ -112,6 +114,19 @@ def test_rms_norm_reference_is_the_layer_norm():
 def test_swiglu_matches_reference(shape):
     a, b = _randn(*shape, seed=0), _randn(*shape, seed=1)
     _check(swiglu(a, b, backend="triton"), swiglu_reference(a, b), (a, b), seed=2)
+
+
+@pytest.mark.parametrize("shape", [(5, 26), (2, 3, 2200)])
+def test_swiglu_packed_matches_reference(shape):
+    # a and b side by side in one tensor, as one W1|W3 matmul produces them; H = 1100 spans two programs.
+    ab = _randn(*shape, seed=0)
+    _check(swiglu_packed(ab, backend="triton"), swiglu_reference(*ab.chunk(2, dim=-1)), (ab,), seed=1)
+
+
+def test_swiglu_reads_strided_halves_in_place():
+    ab = _randn(3, 4, 18, seed=0)
+    a, b = ab.chunk(2, dim=-1)  # views with row stride 18
+    _check(swiglu(a, b, backend="triton"), swiglu_reference(a, b), (ab,), seed=1)
 
 
 def test_swiglu_reference_is_the_definition():
@@ -137,6 +152,18 @@ def test_rotary_table_gradients(per_batch):
     cos = _randn(*((2,) if per_batch else ()), 4, 4, seed=1)
     sin = _randn(*((2,) if per_batch else ()), 4, 4, seed=2)
     _check(apply_rotary(x, cos, sin, backend="triton"), apply_rotary_reference(x, cos, sin), (x, cos, sin), seed=3)
+
+
+def test_rotary_reads_strided_slices():
+    # k out of a joint kv projection [B, T, 2, H, D], and the first 6 of 10 channels (partial rotary).
+    kv = _randn(2, 5, 2, 3, 10, seed=0)
+    angles = _randn(5, 5, seed=1, grad=False)
+    k = kv.unbind(2)[1]
+    _check(apply_rotary(k, angles.cos(), angles.sin(), backend="triton"),
+           apply_rotary_reference(k, angles.cos(), angles.sin()), (kv,), seed=2)  # fmt: skip
+    part = k[..., :6]
+    cos, sin = angles[:, :3].cos(), angles[:, :3].sin()
+    _check(apply_rotary(part, cos, sin, backend="triton"), apply_rotary_reference(part, cos, sin), (kv,), seed=3)
 
 
 def test_rotary_backward_is_the_inverse_rotation():
@@ -168,6 +195,8 @@ def test_bad_inputs():
         swiglu(x.double(), x.double(), backend="triton")
     with pytest.raises(ValueError, match="b has shape"):
         swiglu(x, x[0], backend="triton")
+    with pytest.raises(ValueError, match="last dimension must be even"):
+        swiglu_packed(x[..., :5], backend="triton")
     with pytest.raises(ValueError, match="weight has shape"):
         rms_norm(x, torch.ones(5, device=DEV), 1e-6)
     with pytest.raises(ValueError, match="residual has shape"):

@@ -149,16 +149,32 @@ def measure_generate(
 
 
 def measure_decode_latency(
-    model, *, batch: int, context: int, vocab_size: int, device: torch.device, cuda_graph: bool = False, steps: int = 20
+    model,
+    *,
+    batch: int,
+    context: int,
+    vocab_size: int,
+    device: torch.device,
+    cuda_graph: bool = False,
+    static_cache: bool = False,
+    prefill_chunk: int | None = None,
+    steps: int = 20,
 ) -> dict:
-    """Per-token decode latency after a prompt of `context` tokens (ms), cache bytes at that context."""
+    """Per-token decode latency after a prompt of `context` tokens (ms), cache bytes at that context.
+
+    cuda_graph: replay a captured decode step (CUDA; implies static_cache). static_cache: KV caches preallocated
+    and written in place. prefill_chunk: feed the prompt in pieces of this many tokens, so long prompts at large
+    batch never hold logits for every prompt token at once.
+    """
     from effarch.generate import GraphedDecodeStep, decode_step, prefill
 
     prompt = torch.randint(0, vocab_size, (batch, context), device=device)
     with torch.no_grad():
-        logits, cache = prefill(model, prompt)
-        if cuda_graph:
+        logits, cache = prefill(model, prompt, prefill_chunk)
+        del prompt
+        if cuda_graph or static_cache:
             cache = cache.to_static(context + steps + 4)
+        if cuda_graph:
             step = GraphedDecodeStep(model, cache, batch, device)
         tok = logits.argmax(-1)
         times = []

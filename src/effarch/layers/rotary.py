@@ -1,8 +1,12 @@
-"""Rotary position embeddings (RoFormer, arXiv 2104.09864), rotate-half convention, [B, T, H, D] layout."""
+"""Rotary position embeddings (RoFormer, arXiv 2104.09864), rotate-half convention, [B, T, H, D] layout; on CUDA
+the fused Triton kernel applies them when `effarch.ops.fused.enabled` says so."""
 
 from __future__ import annotations
 
 import torch
+
+from effarch.ops import fused
+from effarch.ops.fused.reference import apply_rotary_reference
 
 
 def rotary_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -15,14 +19,12 @@ def rotary_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> t
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int | None = None) -> torch.Tensor:
     """Rotate the first `rotary_dim` channels of x [B, T, H, D]; cos/sin [T, R/2] or [B, T, R/2]."""
     r = rotary_dim or x.shape[-1]
-    xr, xp = x[..., :r].float(), x[..., r:]
-    x1, x2 = xr[..., : r // 2], xr[..., r // 2 :]
-    if cos.dim() == 2:  # [T, R/2] -> broadcast over batch and heads
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    else:  # [B, T, R/2]
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([out, xp], dim=-1) if r < x.shape[-1] else out
+    xr = x[..., :r]  # the kernel reads this slice in place
+    if fused.enabled(x.device, x.dtype):
+        out = fused.apply_rotary(xr, cos, sin, backend="triton")
+    else:
+        out = apply_rotary_reference(xr, cos, sin)
+    return torch.cat([out, x[..., r:]], dim=-1) if r < x.shape[-1] else out
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:

@@ -28,7 +28,8 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x))."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)); the second residual add and its norm are one step
+    (one fused kernel on CUDA, see `effarch.layers.norm.add_rms_norm`)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -48,10 +49,10 @@ class Block(nn.Module):
 
     def forward(self, x, state=None, *, cu_seqlens=None):
         y, state = self.mixer(self.norm1(x), state, cu_seqlens=cu_seqlens)
-        x = x + y
-        if self.ffn is not None:
-            x = x + self.ffn(self.norm2(x))
-        return x, state
+        if self.ffn is None:
+            return x + y, state
+        h, x = self.norm2(y, residual=x)  # x + y and its norm
+        return x + self.ffn(h), state
 
 
 class CausalLM(nn.Module):

@@ -1,4 +1,7 @@
-"""Dense feed-forward blocks: SwiGLU (GLU Variants Improve Transformer, arXiv 2002.05202) and a GELU MLP."""
+"""Dense feed-forward blocks: SwiGLU (GLU Variants Improve Transformer, arXiv 2002.05202) and a GELU MLP.
+
+On CUDA the SwiGLU gate silu(W1 x) * W3 x runs as one fused Triton kernel reading both halves of the joint
+W1|W3 projection in place, when `effarch.ops.fused.enabled` says so."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effarch.ops import fused
 from effarch.registry import register_ffn
 
 
@@ -26,7 +30,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w13(x).chunk(2, dim=-1)
+        ab = self.w13(x)
+        if fused.enabled(ab.device, ab.dtype):
+            return self.w2(fused.swiglu_packed(ab, backend="triton"))
+        a, b = ab.chunk(2, dim=-1)
         return self.w2(F.silu(a) * b)
 
 

@@ -1,28 +1,113 @@
 """Fused training parts as Triton kernels, each beside a plain PyTorch reference: RMSNorm with the residual
-add, SwiGLU and rotary embeddings.
+add, SwiGLU and rotary embeddings; and the one switch that decides whether the layers use them.
 
-Every public function takes `backend="auto" | "reference" | "triton"`: "auto" runs the Triton kernel on CUDA
+Every kernel function takes `backend="auto" | "reference" | "triton"`: "auto" runs the Triton kernel on CUDA
 tensors of a kernel dtype when Triton imports and the reference otherwise; "triton" insists on the kernel
-(also on CPU tensors when the Triton interpreter, TRITON_INTERPRET=1, is on). Importing this package never
-fails for want of Triton.
+(also on CPU tensors when the Triton interpreter, TRITON_INTERPRET=1, is on).
+
+The layers (RMSNorm, the block's residual add, the SwiGLU MLP, rotary embeddings) ask `enabled(device, dtype)`:
+True on CUDA tensors of a kernel dtype when Triton imports, unless EFFARCH_FUSED=0 is set in the environment
+(read at import) or `use_fused(False)` turned the kernels off. It is not part of a model's config: a kernel
+choice changes no result beyond floating-point rounding, so configs stay portable.
+
+Importing this package neither needs nor imports Triton: the kernel modules load on first use, so models on
+the CPU never touch it, and tests can turn the interpreter on first.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 
 import torch
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # the package must import cleanly without Triton; "auto" then picks the reference
-    HAS_TRITON = False
+from effarch.ops.fused.reference import apply_rotary_reference, rms_norm_reference, swiglu_reference
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "EFFARCH_FUSED"
+RMS_NORM_MAX_D = 8192  # the RMSNorm kernel holds a whole row in registers
 POISON = False  # tests set this: kernel outputs start as NaN, so an element no kernel wrote cannot pass
+
+# Found, not imported: importing Triton is left to the kernel modules, loaded on first use.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# Kernel functions by name, with the module that defines them: loaded on first access.
+_LAZY = {
+    "rms_norm": "effarch.ops.fused.norm",
+    "swiglu": "effarch.ops.fused.glu",
+    "swiglu_packed": "effarch.ops.fused.glu",
+    "apply_rotary": "effarch.ops.fused.rotary",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The switch ------------------------------------------------------------------------------------------------
+
+
+def _mode_from_environment() -> bool:
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value in ("1", "true", "on", "yes", ""):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"environment variable {ENV_VAR}={value!r} must be 1 (fused kernels on CUDA) or 0 (off)")
+
+
+_mode: bool | str = _mode_from_environment()
+
+
+def enabled(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the layers run the fused Triton kernels for tensors on `device` of `dtype`.
+
+    True on CUDA for float32, bfloat16 and float16 when Triton imports and the kernels are on (see `use_fused`);
+    never on another device unless `use_fused("force")` (tests running the kernels under TRITON_INTERPRET=1).
+    """
+    if _mode is False or dtype not in KERNEL_DTYPES:
+        return False
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if device_type != "cuda" and _mode != "force":
+        return False
+    return HAS_TRITON
+
+
+class _FusedChoice:
+    """What `use_fused` returns: the choice is made already; as a context manager it restores the previous one."""
+
+    def __init__(self, previous: bool | str):
+        self.previous = previous
+
+    def __enter__(self) -> _FusedChoice:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _mode
+        _mode = self.previous
+
+
+def use_fused(mode: bool | str | None = True) -> _FusedChoice:
+    """Turn the layers' fused kernels on (True: CUDA tensors), off (False), on for every device ("force", for
+    tests under TRITON_INTERPRET=1), or back to what EFFARCH_FUSED says (None, read again now).
+
+    Takes effect at once, for the whole process; used as `with use_fused(False): ...` the previous choice comes
+    back at the end of the block.
+    """
+    global _mode
+    if not (mode is None or isinstance(mode, bool) or mode == "force"):
+        raise ValueError(f"use_fused mode={mode!r} is not one of True, False, 'force' or None")
+    previous = _mode
+    _mode = _mode_from_environment() if mode is None else mode
+    return _FusedChoice(previous)
+
+
+# Helpers of the kernel modules -----------------------------------------------------------------------------
 
 
 def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
@@ -46,24 +131,23 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An output buffer for a kernel; NaN-filled when POISON is set."""
-    out = torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+def empty_like(x: torch.Tensor, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An output buffer for a kernel (x's shape, dtype and device unless given); NaN-filled when POISON is set."""
+    out = torch.empty(x.shape if shape is None else shape, dtype=dtype or x.dtype, device=x.device)
     return out.fill_(float("nan")) if POISON else out
 
 
-# The submodules use the helpers above, so they are imported after them.
-from effarch.ops.fused.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
-from effarch.ops.fused.rotary import apply_rotary, apply_rotary_reference  # noqa: E402
-from effarch.ops.fused.swiglu import swiglu, swiglu_reference  # noqa: E402
-
 __all__ = [
+    "ENV_VAR",
     "HAS_TRITON",
     "apply_rotary",
     "apply_rotary_reference",
+    "enabled",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",
+    "swiglu_packed",
     "swiglu_reference",
+    "use_fused",
     "use_triton",
 ]

@@ -1,22 +1,23 @@
-"""RMSNorm fused with the residual add, forward and backward as Triton kernels (Root Mean Square Layer
-Normalization, arXiv 1910.07467).
+"""RMSNorm fused with the residual add, forward and backward as Triton kernels wrapped as torch.library custom
+ops (Root Mean Square Layer Normalization, arXiv 1910.07467).
 
 x, residual: [..., D] (D <= 8192); weight: [D] or None. With a residual, s = x + residual (kept in the
 residual's dtype, returned as the new residual stream); without, s = x. Then, in float32,
     y = s * rstd * weight,   rstd = 1 / sqrt(mean(s^2) + eps),
 cast to x's dtype. Backward, with g = dy * weight and s_hat = s * rstd:
     ds = rstd * (g - s_hat * mean(g * s_hat)) (+ d new_residual),   d weight = sum over rows of dy * s_hat,
-and dx = d residual = ds.
+and dx = d residual = ds. Shape letters: N rows (all leading dimensions), D channels.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from effarch.layers.norm import rms_norm as _layer_rms_norm
-from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
+from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
+from effarch.ops.fused.reference import rms_norm_reference
 
-MAX_D = 8192
+MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
 
 if HAS_TRITON:
@@ -80,71 +81,84 @@ def _num_warps(block: int) -> int:
     return min(16, max(1, block // 512))
 
 
-def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The spec: the layer's float32 RMSNorm, after the residual add when a residual is given."""
-    if residual is None:
-        return _layer_rms_norm(x, weight, eps)
-    s = (x.float() + residual.float()).to(residual.dtype)
-    return _layer_rms_norm(s.float(), weight, eps).to(x.dtype), s
+def _none(like: Tensor) -> Tensor:
+    """The empty tensor a custom op returns in place of an absent output."""
+    return like.new_empty(0)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, residual, eps: float):
-        shape, D = x.shape, x.shape[-1]
-        x2 = x.reshape(-1, D).contiguous()
-        N = x2.shape[0]
-        r2 = residual.reshape(-1, D).contiguous() if residual is not None else None
-        w = weight.contiguous() if weight is not None else None
-        y = empty_like(x2)
-        s = empty_like(r2) if r2 is not None else None
-        rstd = empty_like(x2[:, 0], dtype=torch.float32)
-        block = triton.next_power_of_2(D)
-        if N:
-            _rms_fwd[(N,)](x2, r2, w, y, s, rstd, D, eps, HAS_RES=r2 is not None, HAS_W=w is not None,
-                           BLOCK=block, num_warps=_num_warps(block))  # fmt: skip
-        ctx.save_for_backward(s if s is not None else x2, w, rstd)
-        ctx.has_res, ctx.x_dtype, ctx.shape = residual is not None, x.dtype, shape
-        y = y.reshape(shape)
-        if residual is None:
-            return y
-        return y, s.reshape(shape)
+@torch.library.custom_op("effarch::fused_rms_norm_fwd", mutates_args=())
+def _fwd_op(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual [N, D] contiguous, weight [D] -> (y [N, D] in x's dtype, s [N, D] in the residual's dtype
+    (empty without a residual), rstd [N] float32)."""
+    N, D = x.shape
+    y = empty_like(x)
+    s = empty_like(residual) if residual is not None else None
+    rstd = empty_like(x[:, 0], dtype=torch.float32)
+    block = triton.next_power_of_2(D)
+    if N:
+        _rms_fwd[(N,)](x, residual, weight, y, s, rstd, D, eps, HAS_RES=residual is not None,
+                       HAS_W=weight is not None, BLOCK=block, num_warps=_num_warps(block))  # fmt: skip
+    return y, (s if s is not None else _none(x)), rstd
 
-    @staticmethod
-    def backward(ctx, dy, ds_in=None):
-        s, w, rstd = ctx.saved_tensors
-        N, D = s.shape
-        dy = dy.reshape(N, D).contiguous()
-        ds_in = ds_in.reshape(N, D).contiguous() if ds_in is not None else None
-        dx = empty_like(s, dtype=ctx.x_dtype)
-        dr = empty_like(s) if ctx.has_res and ctx.needs_input_grad[2] else None
-        block = triton.next_power_of_2(D)
-        n_prog = max(1, min(N, BWD_PROGRAMS))
-        rows = triton.cdiv(N, n_prog) if N else 0
-        n_prog = triton.cdiv(N, rows) if N else 0
-        dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if w is not None else None
-        if N:
-            _rms_bwd[(n_prog,)](s, w, rstd, dy, ds_in, dx, dr, dw_part, N, D, rows, HAS_DS_IN=ds_in is not None,
-                                HAS_DR=dr is not None, HAS_W=w is not None, BLOCK=block,
-                                num_warps=_num_warps(block))  # fmt: skip
-        dw = None
-        if w is not None and ctx.needs_input_grad[1]:
-            dw = (dw_part.sum(0) if N else torch.zeros(D, device=s.device)).to(w.dtype)
-        dx = dx.reshape(ctx.shape) if ctx.needs_input_grad[0] else None
-        dr = dr.reshape(ctx.shape) if dr is not None else None
-        return dx, dw, dr, None
+
+@_fwd_op.register_fake
+def _(x, weight, residual, eps):
+    s = torch.empty_like(residual) if residual is not None else _none(x)
+    return torch.empty_like(x), s, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("effarch::fused_rms_norm_bwd", mutates_args=())
+def _bwd_op(
+    s: Tensor, weight: Tensor | None, rstd: Tensor, dy: Tensor, ds_in: Tensor | None, want_dr: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """s, dy, ds_in [N, D] contiguous -> (dx [N, D] in dy's dtype, d weight [D] (empty without a weight),
+    d residual [N, D] in s's dtype (empty unless `want_dr`))."""
+    N, D = s.shape
+    dx = empty_like(s, dtype=dy.dtype)
+    dr = empty_like(s) if want_dr else None
+    block = triton.next_power_of_2(D)
+    n_prog = max(1, min(N, BWD_PROGRAMS))
+    rows = triton.cdiv(N, n_prog) if N else 0
+    n_prog = triton.cdiv(N, rows) if N else 0
+    dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if weight is not None else None
+    if N:
+        _rms_bwd[(n_prog,)](s, weight, rstd, dy, ds_in, dx, dr, dw_part, N, D, rows, HAS_DS_IN=ds_in is not None,
+                            HAS_DR=dr is not None, HAS_W=weight is not None, BLOCK=block,
+                            num_warps=_num_warps(block))  # fmt: skip
+    dw = _none(s)
+    if weight is not None:
+        dw = (dw_part.sum(0) if N else torch.zeros(D, device=s.device)).to(weight.dtype)
+    return dx, dw, (dr if dr is not None else _none(s))
+
+
+@_bwd_op.register_fake
+def _(s, weight, rstd, dy, ds_in, want_dr):
+    dw = torch.empty_like(weight) if weight is not None else _none(s)
+    return torch.empty_like(dy), dw, (torch.empty_like(s) if want_dr else _none(s))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, residual, _ = inputs
+    _, s, rstd = output
+    ctx.mark_non_differentiable(rstd)
+    ctx.has_res = residual is not None
+    ctx.want_dr = ctx.has_res and ctx.needs_input_grad[2]
+    ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
+
+
+def _backward(ctx, dy, ds, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    ds_in = ds.contiguous() if ctx.has_res and ds is not None else None
+    dx, dw, dr = _bwd_op(s, weight, rstd, dy.contiguous(), ds_in, ctx.want_dr)
+    return dx, (dw if weight is not None else None), (dr if ctx.want_dr else None), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    eps: float,
-    residual: torch.Tensor | None = None,
-    *,
-    backend: str = "auto",
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    x: Tensor, weight: Tensor | None, eps: float, residual: Tensor | None = None, *, backend: str = "auto"
+) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm of x [..., D] (of x + residual when given, then returning (y, new_residual)); see the module."""
     D = x.shape[-1]
     if weight is not None and weight.shape != (D,):
@@ -160,4 +174,10 @@ def rms_norm(
         if backend == "triton":
             raise ValueError(f"x has last dimension {D}, but the Triton kernel supports at most {MAX_D}")
         return rms_norm_reference(x, weight, eps, residual)
-    return _RMSNorm.apply(x, weight, residual, float(eps))
+    shape = x.shape
+    r2 = residual.reshape(-1, D).contiguous() if residual is not None else None
+    w = weight.contiguous() if weight is not None else None
+    y, s, _ = _fwd_op(x.reshape(-1, D).contiguous(), w, r2, float(eps))
+    if residual is None:
+        return y.reshape(shape)
+    return y.reshape(shape), s.reshape(shape)

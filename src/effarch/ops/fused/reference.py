@@ -1,0 +1,48 @@
+"""Plain PyTorch references of the fused training parts: the specs the Triton kernels are tested against and
+the path the layers take whenever the kernels are off.
+
+RMSNorm (Root Mean Square Layer Normalization, arXiv 1910.07467), with the residual add:
+    s = x + residual,   y = s / sqrt(mean(s^2) + eps) * weight   (in float32, cast back)
+SwiGLU gate (GLU Variants Improve Transformer, arXiv 2002.05202):
+    y = silu(a) * b
+Rotary embedding (RoFormer, arXiv 2104.09864), rotate-half convention, x = (x1, x2) split in halves:
+    y = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [..., D] in float32, cast to x's dtype. With `residual` (x's shape), the sum
+    s = x + residual is kept in the residual's dtype and (norm(s) in x's dtype, s) is returned."""
+    if residual is not None:
+        s = (x.float() + residual.float()).to(residual.dtype)
+        return rms_norm_reference(s.float(), weight, eps).to(x.dtype), s
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b for a, b of one shape, in (at least) float32, cast to a's dtype."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return (torch.nn.functional.silu(a.to(acc)) * b.to(acc)).to(a.dtype)
+
+
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate all D channels of x [B, T, H, D] by angles whose cos/sin are [T, D/2] or [B, T, D/2]; computed in
+    float32, cast to x's dtype."""
+    xf = x.float()
+    half = x.shape[-1] // 2
+    x1, x2 = xf[..., :half], xf[..., half:]
+    if cos.dim() == 2:  # [T, D/2] -> broadcast over batch and heads
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:  # [B, T, D/2]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

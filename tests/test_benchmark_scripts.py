@@ -1,0 +1,81 @@
+"""The GPU benchmark scripts run end to end on the CPU at the debug size (a smoke run of every code path short
+of CUDA), write their figures as JSON, and leave benchmarks/RESULTS.md alone without --write."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+RESULTS = BENCH / "RESULTS.md"
+PRESETS = ("transformer", "gated-deltanet")
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _run_script(name: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    before = _digest(RESULTS)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), "--size", "debug", "--device", "cpu",
+         "--presets", ",".join(PRESETS), "--json", str(out), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _digest(RESULTS) == before, "RESULTS.md changed without --write"
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["size"] == "debug" and data["env"]["torch"]
+    return data
+
+
+def test_train_throughput_script(tmp_path):
+    data = _run_script("train_throughput", tmp_path, "--shapes", "2x32,1x48", "--steps", "1", "--warmup", "1")
+    models = [f"effarch {p}" for p in PRESETS] + (["transformers Llama (SDPA)"] if HAS_TRANSFORMERS else [])
+    rows = {(r["model"], r["batch"], r["seq_len"]): r for r in data["rows"] if not r["model"].startswith("fla")}
+    assert set(rows) == {(m, b, t) for m in models for b, t in ((2, 32), (1, 48))}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["params"] > 0
+        assert r["peak_mem_bytes"] is None  # CUDA memory only
+        assert r["dtype"] == "float32"
+    assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))
+
+
+def test_generate_throughput_script(tmp_path):
+    data = _run_script(
+        "generate_throughput", tmp_path,
+        "--batches", "1,2", "--contexts", "8,20", "--prompt-len", "6", "--new-tokens", "3",
+    )  # fmt: skip
+    models = [f"effarch {p} (static cache)" for p in PRESETS]
+    models += ["transformers Llama generate"] if HAS_TRANSFORMERS else []
+    gen = {(r["model"], r["batch"]): r for r in data["generate"]}
+    assert set(gen) == {(m, b) for m in models for b in (1, 2)}
+    for r in gen.values():
+        assert r["tokens_per_s"] > 0 and r["new_tokens"] == 3 and r["prompt_len"] == 6
+    dec = {(r["model"], r["batch"], r["context"]): r for r in data["decode"]}
+    assert set(dec) == {(p, b, c) for p in PRESETS for b in (1, 2) for c in (8, 20)}
+    for r in dec.values():
+        assert r["ms"] > 0 and r["cache_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("train_throughput", ["--shapes", "2by64"], "--shapes '2by64' must be"),
+        ("generate_throughput", ["--batches", "0"], "--batches '0' must be"),
+    ],
+)
+def test_bad_options(tmp_path, script, args, message):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--size", "debug", "--device", "cpu", *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and message in r.stderr

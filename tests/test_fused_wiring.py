@@ -1,0 +1,195 @@
+"""The model's fused path (RMSNorm with the residual add, SwiGLU, rotary as Triton kernels) equals its PyTorch
+path, and the switch that picks between them (`effarch.ops.fused.enabled` / `use_fused` / EFFARCH_FUSED).
+
+Without CUDA the kernels are forced onto the CPU under the Triton interpreter (TRITON_INTERPRET=1), float32,
+at debug size: logits and every gradient within rel 1e-4, and the kernels are seen to run (their custom ops are
+recorded), so a wiring that silently took the PyTorch path cannot pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
+from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
+
+pytest.importorskip("triton")
+
+from effarch import build_model  # noqa: E402
+from effarch.compile import compile_model  # noqa: E402
+from effarch.models.presets import preset_config  # noqa: E402
+from effarch.ops import fused  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+FORCE = True if CUDA else "force"  # on CUDA the ordinary switch suffices
+TOL = 1e-4
+FUSED_OPS = {
+    "fused_rms_norm_fwd",
+    "fused_rms_norm_fwd+residual",  # the block's residual add folded into the norm
+    "fused_rms_norm_bwd",
+    "fused_swiglu_packed_fwd",
+    "fused_swiglu_packed_bwd",
+    "fused_rotary",
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_switch():
+    saved = fused._mode
+    yield
+    fused._mode = saved
+
+
+class _RecordOps(TorchDispatchMode):
+    """Names of the fused custom ops (effarch::fused_*) that run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "effarch" and func.__name__.startswith("fused_"):  # not the linear-recurrence ops
+            name = func.__name__.split(".")[0]
+            with_residual = name == "fused_rms_norm_fwd" and args[2] is not None
+            self.names.add(name + ("+residual" if with_residual else ""))
+        return func(*args, **(kwargs or {}))
+
+
+def test_in_fresh_process():
+    run_file_in_fresh_process(__file__)
+
+
+def _run(model, ids, **kwargs):
+    """Logits and every parameter's gradient of the next-token loss."""
+    model.zero_grad(set_to_none=True)
+    out = model(ids, targets=ids.roll(-1, 1), **kwargs)
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(a, b):
+    assert rel_err(a[0], b[0]) < TOL
+    assert len(a[1]) == len(b[1])
+    for ga, gb in zip(a[1], b[1], strict=True):
+        assert torch.isfinite(ga).all() and rel_err(ga, gb) < TOL
+
+
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("transformer:debug", FUSED_OPS),
+        ("gated-deltanet:debug", FUSED_OPS - {"fused_rotary"}),  # no rotary in Gated DeltaNet
+    ],
+)
+def test_model_fused_equals_pytorch(preset, expected):
+    torch.manual_seed(0)
+    model = build_model(preset).to(DEV)
+    ids = torch.randint(0, 260, (2, 13), device=DEV)
+    with fused.use_fused(False), _RecordOps() as off:
+        ref = _run(model, ids)
+    with fused.use_fused(FORCE), _RecordOps() as on:
+        out = _run(model, ids)
+    assert off.names == set()
+    assert on.names == expected
+    _assert_same(out, ref)
+
+
+def test_packed_documents_and_decoding_fused():
+    # Packed documents (rotary positions restart per document) and cached decoding (rotary offsets, static
+    # KV cache) go through the same kernels.
+    torch.manual_seed(0)
+    model = build_model("transformer:debug").to(DEV)
+    ids = torch.randint(0, 260, (1, 11), device=DEV)
+    cu = torch.tensor([0, 4, 11], device=DEV)
+    prompt = torch.randint(0, 260, (2, 5), device=DEV)
+    results = {}
+    for mode in (False, FORCE):
+        with fused.use_fused(mode):
+            packed = _run(model, ids, cu_seqlens=cu)
+            tokens = model.generate(prompt, 4, temperature=0, static_cache=True)
+            results[mode] = packed, tokens
+    _assert_same(results[FORCE][0], results[False][0])
+    assert torch.equal(results[FORCE][1], results[False][1])
+
+
+def test_compiled_fused_model_equals_eager(monkeypatch):
+    # The kernels are custom ops: torch.compile traces the fused blocks in one graph each (fullgraph), and the
+    # compiled code calls the kernels (counted through the output buffers their modules allocate).
+    calls = {}
+    for name in ("norm", "glu", "rotary"):
+        module = importlib.import_module(f"effarch.ops.fused.{name}")
+
+        def counting(*args, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return fused.empty_like(*args, **kwargs)
+
+        monkeypatch.setattr(module, "empty_like", counting)
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset_config("transformer:debug"), layers="attn")
+    eager = build_model(cfg).to(DEV)
+    compiled = build_model(cfg).to(DEV)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, fullgraph=True)
+    ids = torch.randint(0, 260, (2, 16), device=DEV)
+    with fused.use_fused(False):
+        ref = _run(eager, ids)
+    with fused.use_fused(FORCE):
+        out = _run(compiled, ids)
+    _assert_same(out, ref)
+    assert set(calls) == {"norm", "glu", "rotary"}
+
+
+def test_switch_function():
+    f32 = torch.float32
+    with fused.use_fused(False):
+        assert not fused.enabled("cuda", f32)
+        with fused.use_fused(True):
+            assert fused.enabled(torch.device("cuda"), f32) == fused.HAS_TRITON
+            assert fused.enabled("cuda", torch.bfloat16) == fused.HAS_TRITON
+            assert not fused.enabled("cuda", torch.float64)  # no kernel dtype: always PyTorch
+            assert not fused.enabled("cpu", f32)  # a CPU tensor takes PyTorch unless forced
+            with fused.use_fused("force"):
+                assert fused.enabled("cpu", f32) and not fused.enabled("cpu", torch.float64)
+            assert not fused.enabled("cpu", f32)
+        assert not fused.enabled("cuda", f32)  # the context restored the choice before it
+    fused.use_fused(False)  # a plain call holds until changed
+    assert not fused.enabled("cuda", f32)
+    with pytest.raises(ValueError, match="use_fused mode='yes'"):
+        fused.use_fused("yes")
+
+
+def test_switch_on_keeps_cpu_model_on_pytorch():
+    torch.manual_seed(0)
+    model = build_model("transformer:debug")
+    ids = torch.randint(0, 260, (2, 9))
+    with fused.use_fused(True), _RecordOps() as rec:
+        _run(model, ids)
+    assert rec.names == set()
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(fused.ENV_VAR, "0")
+    fused.use_fused(None)  # back to what the environment says
+    assert not fused.enabled("cuda", torch.float32)
+    monkeypatch.setenv(fused.ENV_VAR, "1")
+    fused.use_fused(None)
+    assert fused.enabled("cuda", torch.float32) == fused.HAS_TRITON
+    monkeypatch.setenv(fused.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match="EFFARCH_FUSED='maybe'"):
+        fused.use_fused(None)
+
+
+def test_environment_variable_read_at_import():
+    code = "import torch, effarch; from effarch.ops import fused; print(fused.enabled('cuda', torch.float32))"
+    for value, expected in (("0", "False"), ("1", str(fused.HAS_TRITON))):
+        env = {**os.environ, fused.ENV_VAR: value}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == expected
