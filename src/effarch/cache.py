@@ -18,24 +18,57 @@ def tensor_bytes(t: torch.Tensor | None) -> int:
 @dataclass
 class KVCache:
     """Keys and values kept, `[B, T_kept, H_kv, D]` each; `offset` counts older tokens already dropped
-    (windowed caches), so `seq_len` is the number of tokens processed."""
+    (windowed caches), so `seq_len` is the number of tokens processed.
+
+    Rows of different lengths (a batch of prompts of different lengths) carry `lengths` [B] int64, each
+    row's own token count: a row's kept tokens fill its last slots (right-aligned, so a new token is one
+    more slot for every row) and the slots before them are padding that attention hides; `seq_len` is
+    then the longest row's count. A cache straight from a packed call (`cu_seqlens`, B = 1) keeps the
+    documents packed, so training on packed batches copies nothing; `unpack` makes them rows.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
     offset: int = 0
+    lengths: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
         return self.offset + self.k.shape[1]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
-        return KVCache(torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1), self.offset)
+        self._check_unpacked("append to")
+        lengths = None if self.lengths is None else self.lengths + k.shape[1]
+        return KVCache(torch.cat([self.k, k], dim=1), torch.cat([self.v, v], dim=1), self.offset, lengths)
 
     def keep_last(self, n: int) -> KVCache:
+        self._check_unpacked("trim")
         drop = max(0, self.k.shape[1] - n)
         if drop == 0:
             return self
-        return KVCache(self.k[:, drop:], self.v[:, drop:], self.offset + drop)
+        return KVCache(self.k[:, drop:], self.v[:, drop:], self.offset + drop, self.lengths)
+
+    def unpack(self, keep: int | None = None) -> KVCache:
+        """Packed documents `[1, N]` -> one right-aligned row per document `[n_docs, L_max]` with
+        `lengths`, trimmed to the last `keep` slots (windowed caches); an unpacked cache is returned as is."""
+        if self.cu_seqlens is None:
+            return self
+        cu = self.cu_seqlens.to(device=self.k.device, dtype=torch.long)
+        lengths = cu[1:] - cu[:-1]
+        width = int(lengths.max()) if lengths.numel() else 0  # one host sync, when decoding starts
+        token = torch.arange(self.k.shape[1], device=self.k.device)
+        doc = torch.searchsorted(cu[1:], token, right=True)
+        slot = token - cu[doc] + width - lengths[doc]
+        k = self.k.new_zeros(lengths.numel(), width, *self.k.shape[2:])
+        v = self.v.new_zeros(lengths.numel(), width, *self.v.shape[2:])
+        k[doc, slot], v[doc, slot] = self.k[0], self.v[0]
+        rows = KVCache(k, v, 0, lengths)
+        return rows if keep is None else rows.keep_last(keep)
+
+    def _check_unpacked(self, what: str) -> None:
+        if self.cu_seqlens is not None:
+            raise ValueError(f"cannot {what} a KVCache of packed documents; call unpack() to make them rows first")
 
     def nbytes(self) -> int:
         return tensor_bytes(self.k) + tensor_bytes(self.v)
@@ -48,16 +81,24 @@ class StaticKVCache:
     replayed (as gpt-fast does). `pos` is the next buffer slot, an int64 tensor [] on the cache's device;
     `length` mirrors it on the host for code that runs outside graph replays. Slot i holds the token at
     absolute position `base + i` (`base` > 0 when a windowed cache had already dropped older tokens).
+
+    Rows of different lengths (see `KVCache`) share the slots, right-aligned, and carry `lengths` [B]
+    int64 on the device, advanced in place by every write: slot i of row b holds that row's token at
+    position `i - (pos - lengths[b])`, and slots before `pos - lengths[b]` are padding.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int, base: int = 0):
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, length: int, base: int = 0, lengths: torch.Tensor | None = None
+    ):
         self.k, self.v = k, v
         self.pos = torch.tensor(length, dtype=torch.int64, device=k.device)
         self.length, self.base = length, base
+        self.lengths = lengths
 
     @classmethod
     def from_kv(cls, cache: KVCache, max_len: int) -> StaticKVCache:
         """Room for `max_len` tokens in all (absolute count, as `seq_len` counts)."""
+        cache = cache.unpack()
         B, T, H, D = cache.k.shape
         slots = max_len - cache.offset
         if slots < T:
@@ -65,7 +106,8 @@ class StaticKVCache:
         k = cache.k.new_zeros(B, slots, H, D)
         v = cache.v.new_zeros(B, slots, H, cache.v.shape[-1])
         k[:, :T], v[:, :T] = cache.k, cache.v
-        return cls(k, v, T, base=cache.offset)
+        lengths = None if cache.lengths is None else cache.lengths.clone()
+        return cls(k, v, T, base=cache.offset, lengths=lengths)
 
     @property
     def seq_len(self) -> int:
@@ -81,6 +123,8 @@ class StaticKVCache:
         self.k.index_copy_(1, positions, k.to(self.k.dtype))
         self.v.index_copy_(1, positions, v.to(self.v.dtype))
         self.pos.add_(k.shape[1])
+        if self.lengths is not None:
+            self.lengths.add_(k.shape[1])
         self.length += k.shape[1]
         return positions
 
@@ -91,12 +135,15 @@ class StaticKVCache:
 class RecurrentState(dict):
     """Named tensors of a recurrent mixer (matrix memory, conv tail, ...) plus the token count.
 
-    Its size does not depend on how many tokens it has absorbed.
+    Its size does not depend on how many tokens it has absorbed. A mixer whose output depends on absolute
+    positions (rotary q/k) also keeps `lengths` [B] int64, each row's own token count, when its rows may
+    differ (one state per packed document); it is not part of `nbytes`.
     """
 
-    def __init__(self, *args, seq_len: int = 0, **kwargs):
+    def __init__(self, *args, seq_len: int = 0, lengths: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.seq_len = seq_len
+        self.lengths = lengths
 
     def nbytes(self) -> int:
         return sum(tensor_bytes(t) for t in self.values() if isinstance(t, torch.Tensor))

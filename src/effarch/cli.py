@@ -145,12 +145,11 @@ def cmd_generate(args) -> int:
     else:
         torch.manual_seed(args.seed)
         model = CausalLM(_load_config(args.model))
-    if not args.prompt:
+    prompts = args.prompt or ["def "]
+    if not all(prompts):
         raise UsageError("--prompt must not be empty")
     tok = ByteTokenizer()
-    ids = torch.tensor([tok.encode(args.prompt)])
-    out = model.generate(
-        ids,
+    options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -159,7 +158,16 @@ def cmd_generate(args) -> int:
         eos_token_id=tok.eos_id,
         prefill_chunk=args.prefill_chunk,
     )
-    sys.stdout.write(tok.decode(out[0]) + "\n")
+    if len(prompts) == 1:
+        out = model.generate(torch.tensor([tok.encode(prompts[0])]), **options)
+        sys.stdout.write(tok.decode(out[0]) + "\n")
+        return 0
+    from effarch.batch_generation import generate_batch
+
+    # Several prompts run as one batch, each continued as if alone; a header line separates the samples.
+    encoded = [tok.encode(p) for p in prompts]
+    for i, (ids, row) in enumerate(zip(encoded, generate_batch(model, encoded, **options))):
+        sys.stdout.write(f"--- sample {i + 1} ---\n" + tok.decode(ids + row.tolist()) + "\n")
     return 0
 
 
@@ -214,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="sample text from a checkpoint (or an untrained preset)")
     s.add_argument("--checkpoint", help="run folder or checkpoint folder")
     s.add_argument("--model", help="preset or config JSON (random weights)")
-    s.add_argument("--prompt", default="def ")
+    s.add_argument(
+        "--prompt", action="append", help="prompt text (default 'def '); repeat it to generate several as one batch"
+    )
     s.add_argument("--max-new-tokens", type=int, default=128)
     s.add_argument("--temperature", type=float, default=0.8)
     s.add_argument("--top-k", type=int, default=None)

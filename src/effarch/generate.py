@@ -71,7 +71,8 @@ class GraphedDecodeStep:
     """A decode step captured once in a CUDA graph and replayed for every token.
 
     All states must be fixed-size: KV caches become `StaticKVCache` (written in place), and each
-    recurrent state's new tensors are copied back into the captured buffers inside the graph.
+    recurrent state's new tensors are copied back into the captured buffers inside the graph. Rows of
+    different lengths work too: their per-row `lengths` live on the device and advance inside the graph.
     """
 
     def __init__(self, model, cache: Cache, batch: int, device: torch.device, warmup: int = 2):
@@ -86,9 +87,12 @@ class GraphedDecodeStep:
         torch.cuda.current_stream(device).wait_stream(stream)
         _restore(cache, saved)
         self.graph = torch.cuda.CUDAGraph()
+        counts = [(s.length if isinstance(s, StaticKVCache) else None) for s in cache.layers]
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
-        self.lengths = [getattr(s, "seq_len", 0) for s in cache.layers]
+        for s, n in zip(cache.layers, counts):  # capturing ran no step: undo its host-side count
+            if n is not None:
+                s.length = n
 
     def _step(self) -> torch.Tensor:
         out = self.model(self.token, cache=self.cache)
@@ -97,6 +101,8 @@ class GraphedDecodeStep:
                 for key, t in new.items():
                     if isinstance(t, torch.Tensor):
                         old[key].copy_(t)
+                if getattr(old, "lengths", None) is not None and getattr(new, "lengths", None) is not None:
+                    old.lengths.copy_(new.lengths)
         return out.logits[:, -1]
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
@@ -113,10 +119,13 @@ class GraphedDecodeStep:
 def _snapshot(cache: Cache) -> list:
     snap = []
     for s in cache.layers:
+        lengths = getattr(s, "lengths", None)
+        lengths = None if lengths is None else lengths.clone()
         if isinstance(s, StaticKVCache):
-            snap.append(("kv", s.pos.clone(), s.length))
+            snap.append(("kv", s.pos.clone(), s.length, lengths))
         elif isinstance(s, dict):
-            snap.append(("rec", {k: t.clone() for k, t in s.items() if isinstance(t, torch.Tensor)}, s.seq_len))
+            tensors = {k: t.clone() for k, t in s.items() if isinstance(t, torch.Tensor)}
+            snap.append(("rec", tensors, s.seq_len, lengths))
         else:
             snap.append(None)
     return snap
@@ -126,7 +135,7 @@ def _restore(cache: Cache, snap: list) -> None:
     for s, saved in zip(cache.layers, snap):
         if saved is None:
             continue
-        kind, data, length = saved
+        kind, data, length, lengths = saved
         if kind == "kv":
             s.pos.copy_(data)
             s.length = length
@@ -134,6 +143,8 @@ def _restore(cache: Cache, snap: list) -> None:
             for k, t in data.items():
                 s[k].copy_(t)
             s.seq_len = length
+        if lengths is not None:
+            s.lengths.copy_(lengths)
 
 
 @torch.no_grad()

@@ -103,6 +103,7 @@ class Context:
     def __init__(self, mixer: LinearMixer, state: RecurrentState | None, cu_seqlens: torch.Tensor | None):
         self.mixer, self.state, self.cu_seqlens = mixer, state, cu_seqlens
         self.offset = 0 if state is None else state.seq_len  # tokens seen before this call
+        self.lengths = None if state is None else state.lengths  # [B] per row, when rows differ
         self.new: dict[str, torch.Tensor] = {}  # state pieces produced by this call
 
     def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -122,10 +123,21 @@ class Context:
         return prev
 
     def positions(self, T: int, device: torch.device) -> torch.Tensor:
-        """Absolute position of each token [T] inside its own sequence (for rotary embeddings)."""
+        """Absolute position of each token [T] inside its own sequence (for rotary embeddings); [B, T] when
+        the rows of a carried state have different lengths."""
         if self.cu_seqlens is not None:
             return positions_from_cu_seqlens(self.cu_seqlens, T)
+        if self.lengths is not None:
+            return self.lengths[:, None] + torch.arange(T, device=device)
         return torch.arange(self.offset, self.offset + T, device=device)
+
+    def lengths_after(self, T: int) -> torch.Tensor | None:
+        """Each row's token count after this call [N] (one per packed document), kept in the state so a
+        batch of sequences of different lengths continues at each row's own position; None when rows are
+        equal."""
+        if self.cu_seqlens is not None:
+            return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return None if self.lengths is None else self.lengths + T
 
 
 class HeadNorm(nn.Module):
@@ -278,7 +290,7 @@ class LinearMixer(TokenMixer):
         if not self.causal:
             return y, None
         seen = 0 if state is None else state.seq_len
-        return y, RecurrentState({**ctx.new, **rec}, seq_len=seen + x.shape[1])
+        return y, RecurrentState({**ctx.new, **rec}, seq_len=seen + x.shape[1], lengths=ctx.lengths_after(x.shape[1]))
 
     # ---- accounting --------------------------------------------------------------------------------
     def state_nbytes(self, seq_len: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:

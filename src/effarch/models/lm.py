@@ -149,15 +149,30 @@ class CausalLM(nn.Module):
         return 2.0 * n + sum(b.mixer.flops_per_token(seq_len) for b in self.blocks)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 64, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Sample continuations with per-layer caches; returns prompt + new tokens [B, T + n].
 
         Keyword options (temperature, top_k, top_p, seed, eos_token_id, static_cache, cuda_graph) are those
-        of `effarch.generate.generate`.
+        of `effarch.generate.generate`. With `attention_mask` [B, T] (1 = prompt token, 0 = padding, on
+        the left or the right, as Hugging Face takes it) every row continues its own prompt as if alone
+        (`effarch.batch_generation.generate_padded`): the new tokens follow input_ids as given, and a row
+        that has emitted `eos_token_id` continues with `pad_token_id`.
         """
-        from effarch.generate import generate
+        if attention_mask is None:
+            from effarch.generate import generate
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+            return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        from effarch.batch_generation import generate_padded, prompts_from_mask
+
+        tokens, _ = generate_padded(self, prompts_from_mask(input_ids, attention_mask), max_new_tokens, **kwargs)
+        return torch.cat([input_ids, tokens.to(input_ids.device)], dim=1)
 
 
 def build_model(config: ModelConfig | dict | str, *, device=None, dtype=None) -> CausalLM:
