@@ -1,4 +1,5 @@
-"""Selective state-space scans (Mamba's S6): a step-by-step reference and a parallel associative scan."""
+"""Selective state-space scans (Mamba's S6): a step-by-step reference, a parallel associative scan, and Triton
+kernels (`effarch.ops.scan.triton`, imported on first use so the package never needs Triton)."""
 
 from effarch.ops.scan.parallel import linear_scan, selective_scan_parallel
 from effarch.ops.scan.reference import selective_scan_reference

@@ -1,13 +1,58 @@
-"""The selective scan of Mamba (S6) behind one call, dispatching between the step loop and the parallel scan."""
+"""The selective scan of Mamba (S6) behind one call, dispatching between the step loop, the parallel scan and
+the Triton kernels."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
 
+from effarch.ops.kernel_fallback import KernelFallback
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.reference import selective_scan_reference
 
-BACKENDS = ("auto", "reference", "torch")
+BACKENDS = ("auto", "reference", "torch", "triton")
+
+_triton: tuple[Callable, Callable] | ImportError | None = None
+_fallback = KernelFallback("selective_scan", "the PyTorch parallel scan")
+
+
+def _load_triton() -> tuple[Callable, Callable] | ImportError:
+    """(selective_scan_triton, triton_supports), or the ImportError met; imported once, lazily (so that tests
+    can turn the Triton interpreter on before any kernel is defined)."""
+    global _triton
+    if _triton is None:
+        try:
+            from effarch.ops.scan.triton import selective_scan_triton, triton_supports
+
+            _triton = (selective_scan_triton, triton_supports)
+        except ImportError as e:
+            _triton = e
+    return _triton
+
+
+# The kernels pass every interpreter test but have not been run on a GPU yet: until they are, "auto" keeps
+# the PyTorch scan unless EFFARCH_SCAN_TRITON=1 (backend="triton" always runs them).
+AUTO_TRITON = os.environ.get("EFFARCH_SCAN_TRITON", "0") == "1"
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _signature(x, dt, A, B, z) -> tuple:
+    """What decides which kernels are built: dtypes, D, N, the groups of B/C, the gate, gradients or not."""
+    return (
+        x.dtype,
+        dt.dtype,
+        B.dtype,
+        x.shape[-1],
+        A.shape[-1],
+        tuple(B.shape[2:]),
+        z is not None,
+        torch.is_grad_enabled(),
+    )
 
 
 def selective_scan(
@@ -37,7 +82,10 @@ def selective_scan(
     shared by channels g*D/G .. (g+1)*D/G - 1; D, dt_bias [D]; initial_state / final state [N_seq,D,N]
     in float32 (float64 for float64 inputs), N_seq = B or the number of sequences in `cu_seqlens`
     (int64 [N_seq+1], packed sequences with B = 1). Returns (y [B,T,D] in x's dtype, final state or None).
-    backend: "reference" (step loop), "torch" (parallel associative scan), "auto" (= "torch").
+    backend: "reference" (step loop), "torch" (parallel associative scan), "triton" (kernels that walk
+    each sequence with the state in registers; float32, bfloat16 or float16 inputs, N <= 256, on CUDA or
+    under TRITON_INTERPRET=1), "auto" ("triton" for CUDA tensors it supports when EFFARCH_SCAN_TRITON=1, else
+    "torch"; a shape whose kernels fail to build is reported once and then stays on "torch").
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan backend {backend!r} is not one of {BACKENDS}")
@@ -50,4 +98,17 @@ def selective_scan(
     )
     if backend == "reference":
         return selective_scan_reference(x, dt, A, B, C, D, z, **kwargs)
-    return selective_scan_parallel(x, dt, A, B, C, D, z, **kwargs)
+    if backend == "triton":
+        triton = _load_triton()
+        if isinstance(triton, ImportError):
+            raise RuntimeError(
+                f"selective_scan backend 'triton' is unavailable ({triton}); use backend='torch' or 'auto'"
+            )
+        return triton[0](x, dt, A, B, C, D, z, **kwargs)
+    torch_form = lambda: selective_scan_parallel(x, dt, A, B, C, D, z, **kwargs)
+    if backend == "auto" and AUTO_TRITON and _on_gpu(x):
+        triton = _load_triton()
+        if not isinstance(triton, ImportError) and triton[1](x, dt, A, B, C, D, z, **kwargs):
+            kernel = lambda: triton[0](x, dt, A, B, C, D, z, **kwargs)  # bad input raises ValueError, not caught
+            return _fallback.run(_signature(x, dt, A, B, z), kernel, torch_form)
+    return torch_form()
