@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 from effarch.ops import linear as lin
+from effarch.ops.kernel_fallback import KernelFallback
 from effarch.ops.linear import (
     linear_recurrence,
     linear_recurrence_chunked,
@@ -321,7 +322,7 @@ def test_auto_falls_back_once_when_a_triton_kernel_cannot_be_built(monkeypatch):
 
     monkeypatch.setattr(lin, "_on_gpu", lambda q: True)
     monkeypatch.setattr(lin, "_load_triton", lambda: (broken, lambda **kw: True))
-    monkeypatch.setattr(lin, "_triton_failed", set())
+    monkeypatch.setattr(lin, "_fallback", KernelFallback("linear_recurrence", "the PyTorch chunked form"))
     q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
     ref, _ = lin.linear_recurrence(q, k, v, backend="torch")
     with pytest.warns(UserWarning, match="Triton kernels failed"):

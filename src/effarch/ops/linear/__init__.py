@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from effarch.ops.kernel_fallback import KernelFallback
 from effarch.ops.linear.checks import check_inputs
 from effarch.ops.linear.chunk import linear_recurrence_chunked
 from effarch.ops.linear.parallel import linear_recurrence_parallel
@@ -89,25 +90,18 @@ def linear_recurrence(
                 f"linear_recurrence backend 'triton' is unavailable ({triton}); use backend='torch' or 'auto'"
             )
         return triton[0](q, k, v, **kwargs)
+    torch_form = lambda: _torch_forms(q, k, v, **kwargs)  # noqa: E731
     if backend == "auto" and _on_gpu(q):
         triton = _load_triton()
-        key = _signature(q, v, kwargs)
-        if not isinstance(triton, ImportError) and key not in _triton_failed and triton[1](q=q, k=k, v=v, **kwargs):
-            try:
-                return triton[0](q, k, v, **kwargs)
-            except (TypeError, RuntimeError) as e:
-                # A kernel that cannot be built for this shape (e.g. out of shared memory) is reported
-                # once; this shape then stays on the PyTorch form instead of failing the model.
-                _triton_failed.add(key)
-                warnings.warn(
-                    f"linear_recurrence: Triton kernels failed for {key} ({type(e).__name__}: {e}); "
-                    "using the PyTorch chunked form for this shape",
-                    stacklevel=2,
-                )
-    return _torch_forms(q, k, v, **kwargs)
+        if not isinstance(triton, ImportError) and triton[1](q=q, k=k, v=v, **kwargs):
+            # A kernel that cannot be built for this shape (e.g. out of shared memory) is reported once; the
+            # shape then stays on the PyTorch form instead of failing the model.
+            kernel = lambda: triton[0](q, k, v, **kwargs)  # noqa: E731
+            return _fallback.run(_signature(q, v, kwargs), kernel, torch_form)
+    return torch_form()
 
 
-_triton_failed: set[tuple] = set()
+_fallback = KernelFallback("linear_recurrence", "the PyTorch chunked form")
 
 
 def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
