@@ -102,7 +102,7 @@ class CausalLM(nn.Module):
         # the sampler) and while a CUDA graph is being captured.
         check = input_ids.shape[1] > 1 and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
         if check and input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync, not two
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); got values in [{lo}, {hi}]")
         if cache is not None and len(cache) != len(self.blocks):
