@@ -280,7 +280,9 @@ def test_cuda_autocast_runs_float32_features_in_the_autocast_dtype():
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         o, s = linear_recurrence(q, k, v.bfloat16(), **kw, output_final_state=True)
-    o16, s16 = linear_recurrence(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw, output_final_state=True, backend="triton")
+    o16, s16 = linear_recurrence(
+        q.bfloat16(), k.bfloat16(), v.bfloat16(), **kw, output_final_state=True, backend="triton"
+    )
     assert o.dtype == torch.bfloat16
     torch.testing.assert_close(o, o16, rtol=0, atol=0)
     torch.testing.assert_close(s, s16, rtol=0, atol=0)
