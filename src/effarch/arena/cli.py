@@ -120,9 +120,8 @@ def summary_table(results_path: Path) -> str:
         if all(any(c.get("kind") == "train" and c["arch"] == a and c["length"] == n for c in ok) for a in archs)
     ]
     speed_len = common[-1] if common else None
-    rows = [
-        f"{'architecture':<20} {'val bpb':>8} {'accuracy':>9} {f'train tok/s @{speed_len}':>18} {'cache B/token':>14}"
-    ]
+    speed_head = "train tok/s" if speed_len is None else f"train tok/s @{speed_len}"
+    rows = [f"{'architecture':<20} {'val bpb':>8} {'accuracy':>9} {speed_head:>18} {'cache B/token':>14}"]
     for a in archs:
         q = [c for c in ok if c.get("kind") == "quality" and c["arch"] == a]
         bpb = min((c["bpb"] for c in q if c.get("task_kind") == "lm"), default=None)
@@ -141,7 +140,7 @@ def summary_table(results_path: Path) -> str:
             lens = sorted(cache["cache_bytes"], key=int)
             lo, hi = lens[-2], lens[-1]
             per_tok = (cache["cache_bytes"][hi] - cache["cache_bytes"][lo]) / (int(hi) - int(lo))
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        fmt = lambda v, f: format("-", ">" + f.split(".")[0].rstrip(",")) if v is None else format(v, f)  # noqa: E731
         rows.append(f"{a:<20} {fmt(bpb, '8.3f')} {fmt(acc, '9.3f')} {fmt(tps, '18,.0f')} {fmt(per_tok, '14,.1f')}")
     return "\n".join(rows)
 
