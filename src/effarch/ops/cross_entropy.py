@@ -22,7 +22,8 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int):
-        n_kept = int((targets != -100).sum())
+        # The caller passes only kept rows (no -100 left), so their count is known without a device sync.
+        n_kept = targets.shape[0]
         denom = max(n_kept, 1)
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if needs_h else None
@@ -32,16 +33,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start : start + chunk_size], targets[start : start + chunk_size]
             logits = (hc @ weight.t()).to(acc)  # [C, vocab], the only large temporary
-            keep = yc != -100
-            safe_y = yc.clamp_min(0)
             lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe_y[:, None]).squeeze(1)
-            total += ((lse - picked) * keep).sum()
+            picked = logits.gather(1, yc[:, None]).squeeze(1)
+            total += (lse - picked).sum()
             if needs_h or needs_w:
-                # d loss / d logits = (softmax - onehot) / n on kept rows, in place on the logits buffer.
+                # d loss / d logits = (softmax - onehot) / n, in place on the logits buffer.
                 g = logits.sub_(lse[:, None]).exp_()
-                g.scatter_add_(1, safe_y[:, None], -torch.ones_like(lse)[:, None])
-                g.mul_((keep.to(acc) / denom)[:, None])
+                g.scatter_add_(1, yc[:, None], -torch.ones_like(lse)[:, None])
+                g.mul_(1.0 / denom)
                 if needs_h:
                     grad_h[start : start + chunk_size] = (g.to(weight.dtype) @ weight).to(h.dtype)
                 if needs_w:
@@ -81,5 +80,5 @@ def linear_cross_entropy(
     # kept rows go through the head, so the chunk loop shrinks with them (one device sync to find them).
     kept = (t2 != -100).nonzero().squeeze(1)
     if kept.numel() < t2.numel():
-        h2, t2 = h2.index_select(0, kept), t2.index_select(0, kept)
+        h2, t2 = h2.index_select(0, kept), t2.index_select(0, kept)  # from here on every row is kept
     return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size)
