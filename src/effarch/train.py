@@ -264,6 +264,8 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
             total = 0.0
             for micro in range(cfg.grad_accum):
                 inputs, targets = train_batches.get(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
+                if device.type == "cuda" and not inputs.is_cuda:  # pinned, so the copy does not wait for the GPU
+                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
                 inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
                 with _autocast(device, cfg.dtype):
                     loss, aux = loss_fn(model, inputs, targets)
