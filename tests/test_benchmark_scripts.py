@@ -79,3 +79,20 @@ def test_bad_options(tmp_path, script, args, message):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0 and message in r.stderr
+
+
+def test_arena_step_script(tmp_path):
+    out = tmp_path / "arena_step.json"
+    before = _digest(RESULTS)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "arena_step.py"), "--archs", ",".join(PRESETS), "--size", "debug",
+         "--device", "cpu", "--steps", "3", "--batch", "2", "--length", "32", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _digest(RESULTS) == before
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["arch"], x["cuda_graph"]) for x in rows] == [(p, g) for p in PRESETS for g in (False, True)]
+    for eager, graphed in zip(rows[::2], rows[1::2]):
+        assert eager["ms_per_step"] > 0 and graphed["ms_per_step"] > 0
+        assert eager["last_loss"] == graphed["last_loss"]  # on the CPU the flag changes nothing

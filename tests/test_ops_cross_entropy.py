@@ -9,9 +9,10 @@ from conftest import assert_close
 from effarch.ops.cross_entropy import linear_cross_entropy
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_matches_reference_with_gradients(chunk, dtype):
+def test_matches_reference_with_gradients(chunk, dtype, static):
     N, d, vocab = 53, 24, 37
     h = torch.randn(N, d, dtype=dtype, requires_grad=True)
     w = torch.randn(vocab, d, dtype=dtype, requires_grad=True)
@@ -19,7 +20,7 @@ def test_matches_reference_with_gradients(chunk, dtype):
     y[::5] = -100
     ref = linear_cross_entropy(h, w, y, backend="reference")
     gh_ref, gw_ref = torch.autograd.grad(ref * 3.0, (h, w))
-    out = linear_cross_entropy(h, w, y, chunk_size=chunk)
+    out = linear_cross_entropy(h, w, y, chunk_size=chunk, static_shapes=static)
     gh, gw = torch.autograd.grad(out * 3.0, (h, w))
     assert_close(out.reshape(1), ref.reshape(1).to(out.dtype), tol=1e-6 if dtype == torch.float32 else 1e-12)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
@@ -39,14 +40,15 @@ def test_batched_shapes_and_errors():
         linear_cross_entropy(h, torch.randn(11, 7), y)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("kept", [0, 1, 4])
-def test_sparse_targets_match_reference(kept):
+def test_sparse_targets_match_reference(kept, static):
     """MQAR-like targets: only a few scored positions per row (or none); ignored rows get zero gradient."""
     h = torch.randn(3, 16, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
     y = torch.full((3, 16), -100)
     y[:, 16 - kept :] = torch.randint(0, 13, (3, kept))
-    out = linear_cross_entropy(h, w, y, chunk_size=5)
+    out = linear_cross_entropy(h, w, y, chunk_size=5, static_shapes=static)
     gh, gw = torch.autograd.grad(out, (h, w))
     if kept == 0:
         assert out.item() == 0.0 and not gh.any() and not gw.any()

@@ -103,6 +103,7 @@ def cmd_train(args) -> int:
         checkpoint_dir=str(out),
         checkpoint_every=args.checkpoint_every,
         progress=not args.quiet,
+        cuda_graph=args.cuda_graph,
     )
     if args.fresh and out.exists():
         import shutil
@@ -217,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each step as one CUDA graph (small models: far fewer launches)",
+    )
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint (or an untrained preset)")

@@ -7,11 +7,13 @@ checkpoint sees exactly the batches, learning rates and optimizer state of an un
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_time_s: float | None = None
     progress: bool = True
+    # Replay each step (forward, backward, clipping, AdamW) as one captured CUDA graph: small models are
+    # bound by kernel launches, and a replay launches the whole step at once. CUDA only, grad_accum 1, fixed
+    # batch shapes; a model that cannot be captured trains eagerly (with a warning).
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints")
@@ -90,9 +96,9 @@ def _resolve_device(name: str) -> torch.device:
     return default_device() if name == "auto" else torch.device(name)
 
 
-def _autocast(device: torch.device, dtype: str):
+def _autocast(device: torch.device, dtype: str, cache_enabled: bool = True):
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16, cache_enabled=cache_enabled)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -233,6 +239,74 @@ def load_model(path: str | os.PathLike, device=None):
     return model.to(device) if device is not None else model
 
 
+# ---- CUDA-graph training step ---------------------------------------------------------------------
+GRAPH_WARMUP_STEPS = 3  # eager steps (on a side stream) before capture: allocator, autotuning, lazy init
+
+
+class GraphedStep:
+    """A training step captured once as a CUDA graph and replayed with new batches and learning rates.
+
+    The step's inputs, targets and the optimizer's learning rates live in fixed device tensors that each
+    call overwrites; gradients are written (not accumulated) by the graph, so no zeroing is needed. The
+    captured step is the eager one: same loss, clipping and fused AdamW, with the autocast weight cache off.
+    """
+
+    def __init__(self, model, optimizer, cfg: TrainConfig, device: torch.device, inputs, targets):
+        self.optimizer = optimizer
+        self.inputs = torch.empty_like(inputs, device=device)
+        self.targets = torch.empty_like(targets, device=device)
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
+        for group in optimizer.param_groups:  # the graph reads the learning rate from device memory
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+        torch.cuda.synchronize(device)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.loss = _forward_backward(model, self.inputs, self.targets, cfg, device, cache_enabled=False)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+        except Exception:
+            self.release()
+            optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> torch.Tensor:
+        if inputs.shape != self.inputs.shape or targets.shape != self.targets.shape:
+            raise ValueError(
+                f"a CUDA-graph step needs batches of one shape: captured {tuple(self.inputs.shape)}, "
+                f"got {tuple(inputs.shape)} (train with cuda_graph=False for varying shapes)"
+            )
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.targets.copy_(targets, non_blocking=True)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)
+        self.graph.replay()
+        return self.loss
+
+    def release(self) -> None:
+        """Give the optimizer plain float learning rates back (checkpoints and eager steps expect them)."""
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = float(group["lr"])
+
+
+def _forward_backward(model, inputs, targets, cfg: TrainConfig, device, cache_enabled: bool = True) -> torch.Tensor:
+    with _autocast(device, cfg.dtype, cache_enabled):
+        loss, aux = loss_fn(model, inputs, targets)
+    ((loss + aux) / cfg.grad_accum).backward()
+    return loss.detach()
+
+
+def _device_batch(train_batches, index: int, cfg: TrainConfig, device: torch.device):
+    inputs, targets = train_batches.get(index, cfg.batch_size, cfg.seed)
+    if device.type == "cuda" and not inputs.is_cuda:  # pinned, so the copy does not wait for the GPU
+        inputs, targets = inputs.pin_memory(), targets.pin_memory()
+    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 # ---- the loop --------------------------------------------------------------------------------------
 def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: bool = True) -> TrainResult:
     """Train `model` in place on `train_batches` (a StreamBatches / TaskBatches); returns the figures."""
@@ -256,28 +330,46 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True, leave=False)
     tokens, t0 = 0, time.perf_counter()
     step = start_step
+    use_graph = cfg.cuda_graph and device.type == "cuda" and cfg.grad_accum == 1
+    graphed, side = None, (torch.cuda.Stream(device) if use_graph else None)
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(device))
     try:
         for step in range(start_step, cfg.steps):
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             total = 0.0
-            for micro in range(cfg.grad_accum):
-                inputs, targets = train_batches.get(step * cfg.grad_accum + micro, cfg.batch_size, cfg.seed)
-                if device.type == "cuda" and not inputs.is_cuda:  # pinned, so the copy does not wait for the GPU
-                    inputs, targets = inputs.pin_memory(), targets.pin_memory()
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                with _autocast(device, cfg.dtype):
-                    loss, aux = loss_fn(model, inputs, targets)
-                ((loss + aux) / cfg.grad_accum).backward()
-                total += float(loss.detach()) / cfg.grad_accum
+            if use_graph and graphed is None and step - start_step >= GRAPH_WARMUP_STEPS:
+                inputs, targets = _device_batch(train_batches, step, cfg, device)
+                torch.cuda.current_stream(device).wait_stream(side)
+                try:
+                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets)
+                except Exception as e:  # a mixer that syncs with the host cannot be captured
+                    warnings.warn(
+                        f"CUDA-graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2
+                    )
+                    use_graph, side = False, None
+            if graphed is not None:
+                inputs, targets = _device_batch(train_batches, step, cfg, device)
+                total = float(graphed(inputs, targets, lr))
                 tokens += inputs.numel()
-            if not math.isfinite(total):
-                raise FloatingPointError(f"training loss became {total} at step {step}; lower the learning rate")
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"training loss became {total} at step {step}; lower the learning rate")
+            else:
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    for micro in range(cfg.grad_accum):
+                        inputs, targets = _device_batch(train_batches, step * cfg.grad_accum + micro, cfg, device)
+                        total += float(_forward_backward(model, inputs, targets, cfg, device)) / cfg.grad_accum
+                        tokens += inputs.numel()
+                    if not math.isfinite(total):
+                        raise FloatingPointError(
+                            f"training loss became {total} at step {step}; lower the learning rate"
+                        )
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             result.losses.append(total)
             done = step + 1
             elapsed = time.perf_counter() - t0
@@ -294,6 +386,10 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
     finally:
         if bar is not None:
             bar.close()
+        if graphed is not None:
+            graphed.release()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
     result.steps = len(result.losses)
     result.elapsed_s = time.perf_counter() - t0
     result.tokens_per_s = tokens / max(result.elapsed_s, 1e-9)

@@ -147,6 +147,7 @@ def quality_cell(
         device=str(device),
         progress=False,
         max_time_s=train_cap,
+        cuda_graph=device.type == "cuda",  # quality models are small: launch-bound unless graphed
     )
     record = {
         "arch": arch.label,

@@ -21,13 +21,18 @@ def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, target
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int):
-        # The caller passes only kept rows (no -100 left), so their count is known without a device sync.
-        n_kept = targets.shape[0]
-        denom = max(n_kept, 1)
+    def forward(ctx, h, weight, targets, chunk_size: int, masked: bool):
+        # Unmasked, the caller passes only kept rows (no -100 left), so their count is a shape (no device
+        # sync). Masked, ignored rows stay and are zeroed: shapes never depend on the data (CUDA graphs).
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        if masked:
+            keep = targets != -100
+            denom = keep.sum().clamp_min(1).to(acc)
+            targets = targets.clamp_min(0)
+        else:
+            keep, denom = None, max(targets.shape[0], 1)
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if needs_h else None
-        acc = torch.promote_types(h.dtype, torch.float32)  # float32, or float64 for float64 inputs
         grad_w = torch.zeros_like(weight, dtype=acc) if needs_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_size):
@@ -35,12 +40,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (hc @ weight.t()).to(acc)  # [C, vocab], the only large temporary
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, yc[:, None]).squeeze(1)
-            total += (lse - picked).sum()
+            row_loss = lse - picked
+            if keep is not None:
+                row_loss = row_loss.masked_fill(~keep[start : start + chunk_size], 0)
+            total += row_loss.sum()
             if needs_h or needs_w:
                 # d loss / d logits = (softmax - onehot) / n, in place on the logits buffer.
                 g = logits.sub_(lse[:, None]).exp_()
                 g.scatter_add_(1, yc[:, None], -torch.ones_like(lse)[:, None])
-                g.mul_(1.0 / denom)
+                if keep is None:
+                    g.mul_(1.0 / denom)
+                else:
+                    g.mul_((keep[start : start + chunk_size, None] / denom).to(acc))
                 if needs_h:
                     grad_h[start : start + chunk_size] = (g.to(weight.dtype) @ weight).to(h.dtype)
                 if needs_w:
@@ -54,16 +65,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 4096, backend: str = "auto"
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_size: int = 4096,
+    backend: str = "auto",
+    static_shapes: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of logits h @ weight^T against targets (-100 ignored).
 
     h [N, d] (or [B, T, d]), weight [vocab, d], targets [N] (or [B, T]). backend "reference" builds the
-    full logits; "torch"/"auto" runs the chunked fused form.
+    full logits; "torch"/"auto" runs the chunked fused form. `static_shapes=True` keeps ignored rows (masked)
+    instead of dropping them, so no shape depends on the data; it is chosen by itself during CUDA-graph capture.
     """
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
     if h2.shape[0] != t2.shape[0]:
@@ -78,7 +96,11 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy backend {backend!r} is not one of 'auto', 'torch', 'reference'")
     # Tasks that score a few positions (MQAR: 4 answers in 64 tokens) leave most targets ignored: only the
     # kept rows go through the head, so the chunk loop shrinks with them (one device sync to find them).
+    # While a CUDA graph is captured (or with static_shapes) every row stays and ignored ones are masked.
+    capturing = h2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if static_shapes or capturing:
+        return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size, True)
     kept = (t2 != -100).nonzero().squeeze(1)
     if kept.numel() < t2.numel():
         h2, t2 = h2.index_select(0, kept), t2.index_select(0, kept)  # from here on every row is kept
-    return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size)
+    return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size, False)
