@@ -262,6 +262,22 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 64), (64, 32)])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_bf16_small_head_dims(case, K, V):
+    """Small models (the arena's debug and small sizes) run heads of 16 to 64: bf16 at those widths."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 3, 200, 2, K, V, dtype=torch.bfloat16)
+    if rule == "delta":
+        q = F.normalize(q.float(), dim=-1).bfloat16()
+    kw["initial_state"] = kw["initial_state"] * 0.1
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref_kw = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    ref = outputs_and_grads(linear_recurrence_chunked, q.float(), k.float(), v.float(), ref_kw)
+    assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_float32_packed_matches_reference():
     cu = torch.tensor([0, 70, 70, 300], device=DEV)
     q, k, v, kw = make("delta", "scalar", 1, 300, 2, 64, 64, n_seq=3)

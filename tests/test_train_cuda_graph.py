@@ -70,7 +70,7 @@ def test_graph_step_rejects_a_new_batch_shape():
 
     torch.manual_seed(0)
     model = build_model(task_config(preset_config("transformer:debug"), 512, 64)).cuda()
-    cfg = TrainConfig(steps=4, batch_size=4, seq_len=64, progress=False, device="cuda")
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=64, progress=False, device="cuda", cuda_graph=True)
     opt = make_optimizer(model, cfg)
     x, y = _batches().get(0, 4)
     side = torch.cuda.Stream()
