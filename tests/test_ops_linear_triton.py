@@ -262,7 +262,7 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 64), (64, 32)])
+@pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 32), (32, 64), (64, 32), (64, 64), (128, 64)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_bf16_small_head_dims(case, K, V):
     """Small models (the arena's debug and small sizes) run heads of 16 to 64: bf16 at those widths."""
