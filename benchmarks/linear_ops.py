@@ -355,12 +355,14 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
     ap.add_argument("--time-limit", type=float, default=None, help="start no new length after this many seconds")
-    ap.add_argument("--wgmma", action="store_true", help="compile our kernels with Hopper wgmma (wrong at some widths)")
+    ap.add_argument(
+        "--wgmma", default="auto", choices=["auto", "on", "off"], help="Hopper wgmma in our kernels (auto: by width)"
+    )
     args = ap.parse_args()
-    if args.wgmma:
+    if args.wgmma != "auto":
         from effarch.ops.linear.triton import launch
 
-        launch.WGMMA = True
+        launch.WGMMA = args.wgmma == "on"
     global PARTIAL
     PARTIAL = args.json
     deadline = None if args.time_limit is None else time.monotonic() + args.time_limit

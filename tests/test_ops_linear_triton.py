@@ -262,7 +262,7 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 32), (32, 64), (64, 32), (64, 64), (128, 64)])
+@pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_bf16_small_head_dims(case, K, V):
     """Small models (the arena's debug and small sizes) run heads of 16 to 64: bf16 at those widths."""
@@ -284,20 +284,27 @@ def test_cuda_bf16_small_head_dims(case, K, V):
     assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
 
 
-def test_kernels_compile_without_wgmma_unless_asked(monkeypatch):
-    """The Hopper wgmma path is wrong at several widths (see launch.WGMMA): the switch Triton reads while
-    compiling is on inside the kernels' build context and restored after it."""
+def test_wgmma_is_used_only_at_widths_where_it_was_right(monkeypatch):
+    """Hopper wgmma is wrong at some widths (see launch.WGMMA): the switch Triton reads while compiling turns it
+    off inside the kernels' build context for those widths only, and is restored after it."""
+    assert launch.wgmma_ok(128, 128) and launch.wgmma_ok(128, 64) and launch.wgmma_ok(32, 64)
+    assert not launch.wgmma_ok(64, 32) and not launch.wgmma_ok(16, 16) and not launch.wgmma_ok(16, 32)
     monkeypatch.delenv("DISABLE_MMA_V3", raising=False)
-    with launch.kernel_build_options():
+    with launch.kernel_build_options(64, 32):
         assert os.environ["DISABLE_MMA_V3"] == "1"
     assert "DISABLE_MMA_V3" not in os.environ
+    with launch.kernel_build_options(128, 128):
+        assert "DISABLE_MMA_V3" not in os.environ
     monkeypatch.setenv("DISABLE_MMA_V3", "0")
-    with launch.kernel_build_options():
+    with launch.kernel_build_options(16, 16):
         assert os.environ["DISABLE_MMA_V3"] == "1"
     assert os.environ["DISABLE_MMA_V3"] == "0"
     monkeypatch.setattr(launch, "WGMMA", True)
-    with launch.kernel_build_options():
+    with launch.kernel_build_options(16, 16):
         assert os.environ["DISABLE_MMA_V3"] == "0"
+    monkeypatch.setattr(launch, "WGMMA", False)
+    with launch.kernel_build_options(128, 128):
+        assert os.environ["DISABLE_MMA_V3"] == "1"
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

@@ -27,20 +27,27 @@ SUBBLOCK = 16  # BC: rows per sub-block of the triangular inverse and of the per
 _DTC = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-# Hopper (sm_90): Triton's warpgroup MMA (wgmma) code for these kernels is wrong at several head widths.
-# Measured on an H200 with Triton 3.6, bf16, T = 200: K > V (64 x 32: the shape of Mamba2 and Jamba heads) gave
-# wrong outputs or illegal memory accesses for every rule but per-key decay, and K = 16 with a scalar decay
-# gave wrong dq; with wgmma off (the mma.sync path) every width from 16 to 128 matched the reference. Peers
-# report the same compiler bug ("Triton 3.6.0 and later may cause an illegal memory access", triton-lang
-# issue 10573). So the kernels compile with wgmma off unless WGMMA is set (for measurements only).
-WGMMA = False
+# Hopper (sm_90): Triton's warpgroup MMA (wgmma) code for these kernels is wrong at some head widths. Measured
+# on an H200 with Triton 3.6, bf16, T = 200: K > V with V = 32 (64 x 32, Mamba2 and Jamba heads at the arena's
+# small size) gave wrong outputs or illegal memory accesses for every rule but per-key decay, and K = 16 with a
+# scalar or fixed decay gave wrong dq; K x V in {32x32, 32x64, 64x64, 128x64, 128x128} matched the reference.
+# Without wgmma (the mma.sync path) every width matched, but the delta rule's backward ran 5.5x slower at
+# K = V = 128 (T = 8K: 38.5 ms against 7.0 ms). Peers report the same compiler bug ("Triton 3.6.0 and later may
+# cause an illegal memory access", triton-lang issue 10573). So wgmma is used only at widths where it was right.
+WGMMA: bool | None = None  # None: by width (wgmma_ok); True / False: always / never (for measurements)
+
+
+def wgmma_ok(K: int, V: int) -> bool:
+    """Key and value widths at which the wgmma build matched the reference (see WGMMA)."""
+    return K >= 32 and V >= 32 and (V >= K or V >= 64)
 
 
 @contextlib.contextmanager
-def kernel_build_options():
-    """Within it, Triton compiles the linear-recurrence kernels without wgmma (see WGMMA). The switch is an
-    environment variable Triton reads while compiling (and keys its cache on), restored on exit."""
-    if WGMMA:
+def kernel_build_options(K: int, V: int):
+    """Within it, Triton compiles the kernels for heads of K x V with wgmma only where that is right (see WGMMA).
+    The switch is an environment variable Triton reads while compiling (and keys its cache on); the kernels
+    specialise on K and V, so each width keeps the build it was first compiled with. Restored on exit."""
+    if WGMMA if WGMMA is not None else wgmma_ok(K, V):
         yield
         return
     old = os.environ.get("DISABLE_MMA_V3")

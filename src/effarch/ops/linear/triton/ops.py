@@ -37,7 +37,7 @@ def chunk_fwd_op(
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
     cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32, or an empty tensor)."""
     table = ChunkTable.build(cu, dense_len, chunk)
-    with kernel_build_options():
+    with kernel_build_options(q.shape[-1], v.shape[-1]):
         o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
     return o, (hT if hT is not None else _empty(q))
 
@@ -67,7 +67,7 @@ def chunk_bwd_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None."""
     table = ChunkTable.build(cu, dense_len, chunk)
-    with kernel_build_options():
+    with kernel_build_options(q.shape[-1], v.shape[-1]):
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
             do, dhT, q, k, v, g, beta, h0, table, chunk, scale, dense_len, delta=delta
         )
@@ -138,7 +138,7 @@ def recurrent_op(
     delta: bool,
 ) -> Tensor:
     """Packed tokens through the recurrence one by one; `state` [N,H,K,V] float32 is updated in place."""
-    with kernel_build_options():
+    with kernel_build_options(q.shape[-1], v.shape[-1]):
         return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
 
 
