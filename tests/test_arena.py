@@ -125,7 +125,24 @@ def test_stop_after_leaves_a_partial_report_that_resumes(tmp_path, text_file):
     assert "partial" in (tmp_path / "report.md").read_text()
     done = run_arena(_opts(tmp_path, text_file, only="speed"))
     assert done.complete and done.cells_run == 4  # cache + 2 train + 1 infer
-    assert "Status: complete" in (tmp_path / "report.md").read_text()
+    assert "partial" in (tmp_path / "report.md").read_text()  # the report covers the whole grid
+    quality = run_arena(_opts(tmp_path, text_file, only="quality"))
+    assert quality.complete and quality.cells_skipped == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Status: complete" in report
+    quality_rows = [r for r in report.split("## Quality")[1].split("\n") if r.startswith("| transformer")]
+    assert quality_rows and "–" not in quality_rows[0]
+    # A later speed-only run keeps the quality figures in the report.
+    cells = json.loads((tmp_path / "results.json").read_text())["cells"]
+    speed_cell = next(k for k in cells if k.startswith("train/"))
+    data = json.loads((tmp_path / "results.json").read_text())
+    del data["cells"][speed_cell]
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    again = run_arena(_opts(tmp_path, text_file, only="speed"))
+    assert again.cells_run == 1
+    assert (tmp_path / "report.md").read_text().split("## Quality")[1].split("## Speed")[0] == report.split(
+        "## Quality"
+    )[1].split("## Speed")[0]
 
 
 def test_a_failing_cell_is_recorded_and_redone_on_resume(tmp_path, text_file, monkeypatch):

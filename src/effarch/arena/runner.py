@@ -175,10 +175,13 @@ class Arena:
     def quality_id(arch: Arch, task: TaskSpec, lr: float) -> str:
         return f"quality/{arch.label}/{task.name}/lr={lr:g}"
 
-    def plan(self) -> list[Cell]:
+    def plan(self, everything: bool = False) -> list[Cell]:
+        """The cells of this run (`--only` applied), or with `everything` the suite's whole grid (the report
+        covers every stored figure of it, whichever phase this run measures)."""
+        only = None if everything else self.opts.only
         s = self.suite
         cells: list[Cell] = []
-        if self.opts.only != "quality":
+        if only != "quality":
             for a in self.archs:
                 cfg = a.speed_config.to_dict()
                 cells.append(Cell(
@@ -193,7 +196,7 @@ class Arena:
                         cells.append(self._speed_cell(a, "train", n))
                     if n in s.infer_lens:
                         cells.append(self._speed_cell(a, "infer", n))
-        if self.opts.only != "speed":
+        if only != "speed":
             for a in self.quality_order():
                 for t in [t for t in s.tasks if t.sweep] + [t for t in s.tasks if not t.sweep]:
                     for lr in s.lrs if t.sweep else (None,):
@@ -428,7 +431,7 @@ class Arena:
             )
             self.store.flush()
         if write_report:
-            write(self.out, self.store.data, self.suite, self.archs, [c.id for c in cells])
+            write(self.out, self.store.data, self.suite, self.archs, [c.id for c in self.plan(everything=True)])
         return result
 
     def _quality_cap(self, n_quality: int) -> float | None:
