@@ -28,7 +28,7 @@ from effarch.cache import RecurrentState
 from effarch.layers.base import TokenMixer, check_divisible
 from effarch.layers.conv import ShortConvolution
 from effarch.layers.mixers.mamba import check_state_args, state_bytes
-from effarch.layers.mixers.ttt import bidirectional, minibatch_segments, run_by_rows
+from effarch.layers.mixers.ttt import bidirectional, keep_where, run_by_rows, segments_of
 from effarch.layers.norm import GatedRMSNorm
 from effarch.registry import register_mixer
 
@@ -91,13 +91,13 @@ class Titans(TokenMixer):
         """Mini-batch memory updates over q, k, v [B,T,H,K] and log-gates [B,T,H]; returns y [B,T,H,V], state."""
         q, k, v, log_keep, log_eta, theta = inputs
         B, T, H, K = q.shape
+        segments = segments_of(None if state is None else state["pos"], T, self.chunk_size)
         if state is None:
             zero = q.new_zeros(B, H, K, v.shape[-1])
             state = dict(M0=zero, M=zero, S=zero, pos=torch.zeros(B, dtype=torch.long, device=q.device))
         M0, M, S = state["M0"], state["M"], state["S"]
-        pos = int(state["pos"][0]) if state["pos"].numel() else 0
         outs = []
-        for s, e, completes in minibatch_segments(pos, T, self.chunk_size):
+        for s, e, completes in segments:
             Q, Kc, th = q[:, s:e], k[:, s:e], theta[:, s:e].transpose(1, 2)  # th [B, H, L]
             R = torch.einsum("blhk,bhkv->bhlv", Kc, M0) - v[:, s:e].transpose(1, 2)  # k_s M' - v_s
             la, le = log_keep[:, s:e].cumsum(1), log_eta[:, s:e].cumsum(1)
@@ -119,10 +119,9 @@ class Titans(TokenMixer):
                 - torch.einsum("bhs,bshk,bhsv->bhkv", W[:, :, -1], Kc, R)
             )
             S = e_vec[..., -1, None, None] * S - torch.einsum("bhs,bshk,bhsv->bhkv", wS, Kc, R)
-            if completes:
-                M0 = M
+            M0 = keep_where(completes, M, M0)
         y = torch.cat(outs, 1) if outs else v
-        pos_t = torch.full_like(state["pos"], (pos + T) % self.chunk_size)
+        pos_t = (state["pos"] + T) % self.chunk_size
         return y, dict(M0=M0, M=M, S=S, pos=pos_t)
 
     def _direction(self, raw: list[torch.Tensor], cu_seqlens, state: RecurrentState | None):

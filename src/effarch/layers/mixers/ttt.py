@@ -50,6 +50,25 @@ def minibatch_segments(pos: int, T: int, size: int) -> list[tuple[int, int, bool
     return out
 
 
+def segments_of(pos: torch.Tensor | None, T: int, size: int) -> list[tuple[int, int, bool | torch.Tensor]]:
+    """`minibatch_segments` for a call starting at positions `pos` [B] of their mini-batches (None: a fresh
+    state, at 0, so training never reads the device). One token is one segment whose "completes" is a per-row
+    device bool (so decoding steps stay capturable in a CUDA graph); otherwise the rows share a position, read
+    once on the host."""
+    if pos is None:
+        return minibatch_segments(0, T, size)
+    if T == 1:
+        return [(0, 1, (pos + 1) == size)]
+    return minibatch_segments(int(pos[0]) if pos.numel() else 0, T, size)
+
+
+def keep_where(completes: bool | torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """The start-of-mini-batch weights after a segment: `new` where it completed its mini-batch, else `old`."""
+    if isinstance(completes, torch.Tensor):
+        return torch.where(completes.view(-1, *([1] * (new.dim() - 1))), new, old)
+    return new if completes else old
+
+
 def run_by_rows(core: Callable, inputs: list[torch.Tensor], state: dict, cu_seqlens: torch.Tensor | None):
     """Run `core(inputs, state) -> (out [B,T,...], state dict)` on independent pieces where needed.
 
@@ -64,7 +83,8 @@ def run_by_rows(core: Callable, inputs: list[torch.Tensor], state: dict, cu_seql
             outs.append(o)
             states.append(st)
         return torch.cat(outs, 1), {n: torch.cat([st[n] for st in states]) for n in states[0]}
-    if state is not None and bool((state["pos"] != state["pos"][0]).any()):
+    # One token (decoding) handles each row's position on the device (see `one_token_segment`): no host read.
+    if state is not None and inputs[0].shape[1] > 1 and bool((state["pos"] != state["pos"][0]).any()):
         rows = [
             core([t[i : i + 1] for t in inputs], {n: s[i : i + 1] for n, s in state.items()})
             for i in range(inputs[0].shape[0])
@@ -156,9 +176,8 @@ class TTTLinear(TokenMixer):
         st = dict(self.initial_state(q.shape[0], q.dtype) if state is None else state)
         W0, c0, W, c = st["W0"], st["c0"], st["W"], st["c"]
         gamma, beta = self.ttt_norm_weight.to(q.dtype), self.ttt_norm_bias.to(q.dtype)
-        pos = int(st["pos"][0]) if st["pos"].numel() else 0
         outs = []
-        for s, e, completes in minibatch_segments(pos, q.shape[1], self.mini_batch_size):
+        for s, e, completes in segments_of(None if state is None else st["pos"], q.shape[1], self.mini_batch_size):
             X, Q, lr = k[:, s:e], q[:, s:e], eta[:, s:e]
             Z = torch.einsum("blhk,bhkj->blhj", X, W0) + c0[:, None]
             gZ = layer_norm_and_grad(Z, v[:, s:e] - X, gamma, beta)  # [B, L, H, K]
@@ -168,9 +187,8 @@ class TTTLinear(TokenMixer):
             outs.append(Q + F.layer_norm(Zq, (Zq.shape[-1],), None, None, LN_EPS) * gamma + beta)
             W = W - torch.einsum("bsh,bshk,bshj->bhkj", lr, X, gZ)
             c = c - torch.einsum("bsh,bshj->bhj", lr, gZ)
-            if completes:
-                W0, c0 = W, c
-        pos_t = torch.full_like(st["pos"], (pos + q.shape[1]) % self.mini_batch_size)
+            W0, c0 = keep_where(completes, W, W0), keep_where(completes, c, c0)
+        pos_t = (st["pos"] + q.shape[1]) % self.mini_batch_size
         out = torch.cat(outs, 1) if outs else q
         return out, dict(W0=W0, c0=c0, W=W, c=c, pos=pos_t)
 
