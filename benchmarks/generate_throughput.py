@@ -37,8 +37,9 @@ def _generate_row(label: str, gen, *, batch: int, args, vocab: int, dev: torch.d
             gen, batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, vocab_size=vocab, device=dev
         )
     except torch.OutOfMemoryError:
-        free_cuda_memory(dev)
         r = {"batch": batch, "oom": True}
+    if r.get("oom"):  # outside the handler, whose traceback still holds the failed run's tensors
+        free_cuda_memory(dev)
     print(f"{label:<52} batch {batch:<3} {_tok_s(r)}", flush=True)
     return {"model": label, **r}
 
@@ -52,6 +53,7 @@ def _fits(model, batch: int, context: int, dtype: torch.dtype, dev: torch.device
     capture that runs out of memory half-way can leave the device unusable, so such runs are not started."""
     if dev.type != "cuda":
         return True
+    free_cuda_memory(dev)  # blocks the allocator still caches (an earlier run's caches) count as free
     need = sum(model.cache_nbytes(context + DECODE_STEPS + 4, batch, dtype))
     return need <= 0.8 * torch.cuda.mem_get_info(dev)[0]
 
@@ -77,8 +79,9 @@ def _latency_row(name: str, model, *, batch: int, context: int, vocab: int, dtyp
                 )
             )
         except torch.OutOfMemoryError:
-            free_cuda_memory(dev)
             row["oom"] = True
+        if row.get("oom"):  # outside the handler, whose traceback still holds the failed run's tensors
+            free_cuda_memory(dev)
     print(f"{name:<30} context {tokens(context):>6} batch {batch:<3} {_ms(row)}", flush=True)
     return row
 
