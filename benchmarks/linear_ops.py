@@ -358,7 +358,17 @@ def main() -> None:
     ap.add_argument(
         "--wgmma", default="auto", choices=["auto", "on", "off"], help="Hopper wgmma in our kernels (auto: by width)"
     )
+    ap.add_argument(
+        "--decay-grad-dots",
+        default=None,
+        choices=["tf32", "input"],
+        help="products of the additive rule's decay-gradient kernels (default: the library's choice)",
+    )
     args = ap.parse_args()
+    if args.decay_grad_dots is not None:
+        from effarch.ops.linear.triton import backward
+
+        backward.DECAY_GRAD_DOTS = args.decay_grad_dots
     if args.wgmma != "auto":
         from effarch.ops.linear.triton import launch
 

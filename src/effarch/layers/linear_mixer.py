@@ -27,6 +27,7 @@ from torch import nn
 from effarch.cache import RecurrentState
 from effarch.layers.base import TokenMixer
 from effarch.layers.conv import ShortConvolution
+from effarch.layers.recompute import recomputed
 from effarch.layers.rotary import positions_from_cu_seqlens
 from effarch.ops.linear import linear_recurrence
 
@@ -268,9 +269,12 @@ class LinearMixer(TokenMixer):
         o = self.out_norm(o)
         if self.gate is not None:
             g = f.gate if f.gate is not None else self.g_proj(x)
-            g = upcast(g.reshape(B, T, self.n_heads, self.value_dim))
-            o = (upcast(o) * (F.silu(g) if self.gate == "silu" else torch.sigmoid(g))).to(o.dtype)
+            o = recomputed(self._gated, o, g.reshape(B, T, self.n_heads, self.value_dim))
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
+
+    def _gated(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        g = upcast(g)
+        return (upcast(o) * (F.silu(g) if self.gate == "silu" else torch.sigmoid(g))).to(o.dtype)
 
     # ---- the common forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *, cu_seqlens: torch.Tensor | None = None):

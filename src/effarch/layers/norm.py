@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effarch.layers.recompute import recomputed
 from effarch.ops import fused
 from effarch.ops.fused.reference import rms_norm_reference
 
@@ -62,5 +63,8 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return recomputed(self._gated, x, gate)
+
+    def _gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         g = torch.nn.functional.silu(gate.float()) if self.activation == "silu" else torch.sigmoid(gate.float())
         return (rms_norm(x, self.weight, self.eps).float() * g).to(x.dtype)

@@ -21,6 +21,7 @@ from torch import nn
 
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
+from effarch.layers.recompute import recomputed
 from effarch.registry import register_mixer
 
 
@@ -107,8 +108,10 @@ class Mamba2(LinearMixer):
 
     def output(self, o: torch.Tensor, f: Features, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y * silu(z)) over groups of d_inner / n_groups channels, then the out projection."""
+        return self.o_proj(recomputed(self._gated_norm, o, f.gate).to(x.dtype))
+
+    def _gated_norm(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         B, T = o.shape[:2]
-        y = upcast(o.reshape(B, T, self.n_groups, -1)) * F.silu(upcast(f.gate.reshape(B, T, self.n_groups, -1)))
+        y = upcast(o.reshape(B, T, self.n_groups, -1)) * F.silu(upcast(gate.reshape(B, T, self.n_groups, -1)))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = y.flatten(-2) * self.norm_weight.to(y.dtype)
-        return self.o_proj(y.to(x.dtype))
+        return y.flatten(-2) * self.norm_weight.to(y.dtype)
