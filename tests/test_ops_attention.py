@@ -29,6 +29,35 @@ def test_sdpa_path_equals_reference(hq, hkv, tq, tk, causal, window):
     assert_close(out, ref, tol=1e-12)
 
 
+@pytest.mark.parametrize("T, window", [(9, 4), (16, 4), (37, 8), (37, 3), (12, 1), (64, 5)])
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (4, 2)])
+def test_blocked_sliding_window_equals_reference_with_gradients(T, window, hq, hkv):
+    """Long sequences take the blocked path (T > 2 x window: each block of queries against two blocks of keys),
+    lengths that are and are not multiples of the window, windows of one token, grouped heads, Dv != D."""
+    q = torch.randn(2, T, hq, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, T, hkv, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, T, hkv, 6, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, T, hq, 6, dtype=torch.float64)
+    ref = attention(q, k, v, window=window, backend="reference")
+    out = attention(q, k, v, window=window)
+    assert_close(out, ref, tol=1e-12)
+    grads = torch.autograd.grad((out * up).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * up).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, tol=1e-12)
+
+
+def test_blocked_sliding_window_never_builds_a_full_mask(monkeypatch):
+    import effarch.ops.attention.dense as dense
+
+    def no_full_mask(*a, **kw):
+        raise AssertionError("a [T, T] mask was built")
+
+    monkeypatch.setattr(dense, "attention_mask", no_full_mask)
+    q, k, v = (torch.randn(1, 40, 2, 4) for _ in range(3))
+    assert attention(q, k, v, window=8).shape == (1, 40, 2, 4)
+
+
 def test_causal_alignment_is_bottom_right_and_windows_are_bounded():
     keep = attention_mask(2, 5, causal=True, window=2)
     assert keep.tolist() == [[False, False, True, True, False], [False, False, False, True, True]]

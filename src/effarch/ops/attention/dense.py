@@ -113,7 +113,42 @@ def attention(
                 out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    elif causal and window is not None and cu_seqlens is None and tq == tk and tq > 2 * window:
+        out = _sliding_window(qt, kt, vt, window, scale, gqa)
     else:
         mask = attention_mask(tq, tk, causal=causal, window=window, cu_seqlens=cu_seqlens, device=q.device)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _sliding_window(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float | None, gqa: bool
+) -> torch.Tensor:
+    """Causal sliding-window attention on [B, H, T, D] in blocks of `window` queries, each against its own and
+    the previous block's keys: time and memory grow as T x window, where a [T, T] mask grows as T^2.
+
+    Query r of block b (position bW + r) sees key c of the 2W keys [(b-1)W, (b+1)W) (position (b-1)W + c) when
+    0 <= (bW + r) - ((b-1)W + c) < W, i.e. r < c <= W + r; block 0 has no previous block.
+    """
+    B, H, T, D = q.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, h, T, d] -> [B, h, nb, W, d]
+        return F.pad(x, (0, 0, 0, pad)).unflatten(2, (nb, W))
+
+    def with_previous(x: torch.Tensor) -> torch.Tensor:  # [B, h, nb, W, d] -> [B * nb, h, 2W, d]
+        prev = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1]], dim=2)
+        return torch.cat([prev, x], dim=3).transpose(1, 2).flatten(0, 1)
+
+    qb = blocks(q).transpose(1, 2).flatten(0, 1)  # [B * nb, H, W, D]
+    kb, vb = with_previous(blocks(k)), with_previous(blocks(v))
+    r = torch.arange(W, device=q.device)[:, None]
+    c = torch.arange(2 * W, device=q.device)[None, :]
+    visible = (c > r) & (c <= W + r)  # [W, 2W]
+    mask = visible.expand(nb, W, 2 * W).clone()
+    mask[0] &= c >= W
+    mask = mask[None, :, None].expand(B, nb, 1, W, 2 * W).flatten(0, 1)  # [B * nb, 1, W, 2W]
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.unflatten(0, (B, nb)).transpose(1, 2).flatten(2, 3)[:, :, :T]
