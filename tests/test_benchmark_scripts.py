@@ -96,3 +96,28 @@ def test_arena_step_script(tmp_path):
     for eager, graphed in zip(rows[::2], rows[1::2]):
         assert eager["ms_per_step"] > 0 and graphed["ms_per_step"] > 0
         assert eager["last_loss"] == graphed["last_loss"]  # on the CPU the flag changes nothing
+
+
+def test_scan_ops_script(tmp_path):
+    out = tmp_path / "scan_ops.json"
+    before = _digest(RESULTS)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "scan_ops.py"), "--device", "cpu", "--T", "32,64", "--D", "32", "--N", "4",
+         "--tokens", "128", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _digest(RESULTS) == before
+    data = json.loads(out.read_text())
+    assert data["check"] and all(row.endswith("| ok |") for row in data["check"])
+    ops = {(x["op"].split(",")[0], x["T"]) for x in data["rows"]}
+    assert ops == {(op, T) for op in ("selective scan", "chunked linear recurrence") for T in (32, 64)}
+    assert all(x["fwd_ms"] > 0 and x["fwd_bwd_ms"] > 0 for x in data["rows"])
+
+
+def test_scan_ops_bad_options(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "scan_ops.py"), "--device", "cpu", "--T", "64,x"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "must be comma-separated integers" in r.stderr and "Traceback" not in r.stderr
