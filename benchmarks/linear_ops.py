@@ -1,12 +1,12 @@
 """GPU benchmark of the Triton linear recurrence beside fla 0.6.0, causal SDPA and FlexAttention.
 
 One run: (1) correctness on the GPU, bf16 against the token-by-token reference in float32 at T = 512
-(outputs, final states, gradients); (2) forward and forward+backward at B*T = 32K tokens (T = 2K, 8K,
-32K), H = 16, K = V = 128, bf16, median of triton.testing.do_bench, with the first call's time (compile
+(outputs, final states, gradients); (2) forward and forward+backward at B*T = 32K tokens (T = 2K, 4K, 8K,
+32K; 128K at B = 1), H = 16, K = V = 128, bf16, median of triton.testing.do_bench, with the first call's time (compile
 included); (3) decoding-step latency at batch 1 and 64. Peers that fail to import or refuse an op are
 listed as skipped with the reason.
-Usage: python benchmarks/linear_ops.py [--check-only | --quick-check] [--peers fla,sdpa,flex] [--T 2048,8192,32768] [--write]
-       [--json PATH]
+Usage: python benchmarks/linear_ops.py [--check-only | --quick-check] [--peers fla,sdpa,flex]
+       [--T 2048,4096,8192,32768,131072] [--write] [--json PATH]
 
 FLOP counts (per head and token, chunk C = 64): forward additive 2C(K+V) + 4KV, per-key decay the same,
 delta adds 2CK + C^2 + 2C(K+V) + 2KV for the WY transform; forward+backward counts 3x the forward. Causal
@@ -351,7 +351,7 @@ def main() -> None:
     ap.add_argument("--quick-check", action="store_true", help="check dense batches with default products only")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of each case at T = 8192")
     ap.add_argument("--peers", default="fla,sdpa,flex", help="comma list of peers to measure: fla, sdpa, flex")
-    ap.add_argument("--T", default="2048,8192,32768")
+    ap.add_argument("--T", default="2048,4096,8192,32768,131072", help="lengths (B*T = 32K tokens; longer at B = 1)")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
     ap.add_argument("--json", default=None, help="also write the raw numbers to this file")
     ap.add_argument("--time-limit", type=float, default=None, help="start no new length after this many seconds")
