@@ -144,3 +144,20 @@ def test_static_cache_after_the_window_has_dropped_tokens(name):
     a = model.generate(prompt, 10, temperature=0)
     b = model.generate(prompt, 10, temperature=0, static_cache=True)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["transformer", "gated-deltanet", "jamba"])
+def test_logits_at_some_positions_equal_the_full_logits_there(name):
+    torch.manual_seed(0)
+    model = build_model(preset_config(f"{name}:debug")).double().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    full = model(ids).logits
+    at = torch.tensor([12, 0, 5])
+    some = model(ids, logits_at=at, use_cache=True)
+    assert some.logits.shape == (2, 3, model.config.vocab_size)
+    assert_close(some.logits, full[:, at], tol=1e-12)
+    assert some.cache is not None  # the cache still covers every position
+    with pytest.raises(ValueError, match="cannot be combined with targets"):
+        model(ids, targets=ids, logits_at=at)
+    with pytest.raises(ValueError, match="1-D tensor of positions"):
+        model(ids, logits_at=torch.tensor([[1.0]]))

@@ -66,8 +66,8 @@ def _prefill_rows(model, prompts: list[torch.Tensor], chunk_size: int | None):
     if chunk_size is not None:
         raise ValueError(f"prefill_chunk={chunk_size} needs prompts of one length; got lengths {lens}")
     ends = torch.tensor(list(itertools.accumulate(lens, initial=0)), device=prompts[0].device)
-    out = model(torch.cat(prompts)[None], use_cache=True, cu_seqlens=ends)
-    return out.logits[0, ends[1:] - 1], out.cache
+    out = model(torch.cat(prompts)[None], use_cache=True, cu_seqlens=ends, logits_at=ends[1:] - 1)
+    return out.logits[0], out.cache
 
 
 @torch.no_grad()

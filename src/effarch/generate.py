@@ -52,13 +52,18 @@ def prefill(model, input_ids: torch.Tensor, chunk_size: int | None = None):
         raise ValueError(f"prefill chunk_size={chunk_size} must be a positive number of tokens")
     T = input_ids.shape[1]
     if chunk_size is None or chunk_size >= T:
-        out = model(input_ids, use_cache=True)
+        out = model(input_ids, use_cache=True, logits_at=_last(input_ids.shape[1], input_ids.device))
         return out.logits[:, -1], out.cache
     cache = None
     for start in range(0, T, chunk_size):
-        out = model(input_ids[:, start : start + chunk_size], cache=cache, use_cache=True)
+        piece = input_ids[:, start : start + chunk_size]
+        out = model(piece, cache=cache, use_cache=True, logits_at=_last(piece.shape[1], piece.device))
         cache = out.cache
     return out.logits[:, -1], cache
+
+
+def _last(T: int, device) -> torch.Tensor:
+    return torch.tensor([T - 1], device=device)
 
 
 def decode_step(model, token: torch.Tensor, cache):

@@ -133,13 +133,14 @@ def inference_cell(
         model = _build(config, length + decode_tokens + 1, device, seed).eval()
         g = torch.Generator().manual_seed(seed)
         prompt = torch.randint(0, config.vocab_size, (1, length), generator=g).to(device)
+        last = torch.tensor([length - 1], device=device)  # a prefill needs only the last position's logits
         prefill_times, out = [], None
         for r in range(repeats + 1):  # the first call is the warm-up
             out = None
             _sync(device)
             t0 = time.perf_counter()
             with _autocast(device):
-                out = model(prompt, use_cache=True)
+                out = model(prompt, use_cache=True, logits_at=last)
             _sync(device)
             dt = time.perf_counter() - t0
             if r == 1 and dt > time_cap_s:  # the second call decides, the first carries one-time set-up

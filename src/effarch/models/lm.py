@@ -92,12 +92,20 @@ class CausalLM(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
         return_logits: bool = True,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. `targets` [B, T] are the tokens each position must
         predict (already shifted; -100 = ignore); with `return_logits=False` the loss is computed chunk by
-        chunk without ever holding the full logits (see effarch.ops.cross_entropy)."""
+        chunk without ever holding the full logits (see effarch.ops.cross_entropy). `logits_at` (1-D
+        positions along T) computes the head only there: logits [B, len(logits_at), vocab] (a prefill needs
+        the last position's, not T x vocab of them)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time]; got shape {tuple(input_ids.shape)}")
+        if logits_at is not None:
+            if targets is not None:
+                raise ValueError("logits_at selects positions for generation; it cannot be combined with targets")
+            if logits_at.dim() != 1 or logits_at.is_floating_point():
+                raise ValueError(f"logits_at must be a 1-D tensor of positions; got {tuple(logits_at.shape)}")
         # The range check syncs with the device: skip it for single-token decode steps (ids come from
         # the sampler) and while a CUDA graph is being captured.
         check = input_ids.shape[1] > 1 and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -116,6 +124,8 @@ class CausalLM(nn.Module):
                 new_cache[i] = state
             if block.ffn is not None and getattr(block.ffn, "aux_loss", None) is not None:
                 aux = aux + block.ffn.aux_loss
+        if logits_at is not None:
+            x = x[:, logits_at.to(x.device)]
         h = self.norm(x)
         logits = self.lm_head(h) if (return_logits or targets is None) else None
         loss = None
