@@ -161,3 +161,18 @@ def test_logits_at_some_positions_equal_the_full_logits_there(name):
         model(ids, targets=ids, logits_at=at)
     with pytest.raises(ValueError, match="1-D tensor of positions"):
         model(ids, logits_at=torch.tensor([[1.0]]))
+
+
+def test_to_static_can_consume_the_growing_cache_layer_by_layer():
+    torch.manual_seed(0)
+    model = build_model(preset_config("jamba:debug")).eval()  # attention and recurrent layers
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    cache = model(ids, use_cache=True).cache
+    kept = cache.to_static(20)
+    other = model(ids, use_cache=True).cache
+    consumed = other.to_static(20, consume=True)
+    assert all(s is None for s in other.layers)
+    nxt = torch.randint(0, model.config.vocab_size, (2, 1))
+    a = model(nxt, cache=kept).logits
+    b = model(nxt, cache=consumed).logits
+    assert torch.equal(a, b)

@@ -114,7 +114,7 @@ def generate_padded(
     try:
         logits, cache = _prefill_rows(model, prompts, prefill_chunk)
         if static_cache or cuda_graph:
-            cache = cache.to_static(max(p.numel() for p in prompts) + max_new_tokens)
+            cache = cache.to_static(max(p.numel() for p in prompts) + max_new_tokens, consume=True)
         step = GraphedDecodeStep(model, cache, B, device) if cuda_graph else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for i in range(max_new_tokens):

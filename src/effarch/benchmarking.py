@@ -173,7 +173,7 @@ def measure_decode_latency(
         logits, cache = prefill(model, prompt, prefill_chunk)
         del prompt
         if cuda_graph or static_cache:
-            cache = cache.to_static(context + steps + 4)
+            cache = cache.to_static(context + steps + 4, consume=True)
         if cuda_graph:
             step = GraphedDecodeStep(model, cache, batch, device)
         tok = logits.argmax(-1)

@@ -177,10 +177,15 @@ class Cache:
     def per_layer_nbytes(self) -> list[int]:
         return [0 if s is None else s.nbytes() for s in self.layers]
 
-    def to_static(self, max_len: int) -> Cache:
+    def to_static(self, max_len: int, *, consume: bool = False) -> Cache:
         """Same states with every KV cache preallocated to `max_len` tokens (recurrent states are already
-        fixed-size)."""
+        fixed-size). With `consume`, each layer's growing cache is dropped from this one as soon as it is
+        copied, so the copy needs room for one layer more, not for a second whole cache; this cache is then
+        empty."""
         out = Cache(len(self))
         for i, s in enumerate(self.layers):
             out[i] = StaticKVCache.from_kv(s, max_len) if isinstance(s, KVCache) else s
+            if consume:
+                self.layers[i] = None
+                s = None
         return out

@@ -191,7 +191,7 @@ def generate(
             return input_ids
         logits, cache = prefill(model, input_ids, prefill_chunk)
         if static_cache or cuda_graph:
-            cache = cache.to_static(input_ids.shape[1] + max_new_tokens)
+            cache = cache.to_static(input_ids.shape[1] + max_new_tokens, consume=True)
         step = GraphedDecodeStep(model, cache, input_ids.shape[0], input_ids.device) if cuda_graph else None
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
