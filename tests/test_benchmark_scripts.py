@@ -121,3 +121,22 @@ def test_scan_ops_bad_options(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode != 0 and "must be comma-separated integers" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_profile_step_script(tmp_path):
+    out = tmp_path / "profile.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "profile_step.py"), "--preset", "gated-deltanet", "--size", "debug",
+         "--batch", "2", "--seq-len", "32", "--steps", "1", "--top", "5", "--device", "cpu", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert 0 < len(data["top"]) <= 5 and data["summary"]["step_ms"] > 0
+    assert all(0 < row["share"] <= 1 for row in data["top"])
+    bad = subprocess.run(
+        [sys.executable, str(BENCH / "profile_step.py"), "--preset", "no-such-preset", "--size", "debug",
+         "--device", "cpu"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "no-such-preset" in bad.stderr and "Traceback" not in bad.stderr
