@@ -439,3 +439,37 @@ def test_literature_summary_over_the_grid():
     assert "disagrees on b" in far and "only on the easier" not in far
     unsolved = summarize(check_mqar(rows("x", 0.3, 0.2, 0.1)))
     assert any("not shown" in line for line in unsolved)
+
+
+def test_report_only_rewrites_the_report_from_stored_results(finished, tmp_path, text_file):
+    out, _ = finished
+    target = tmp_path / "copy"
+    target.mkdir()
+    stored = (out / "results.json").read_text()
+    (target / "results.json").write_text(stored)
+    result = run_arena(_opts(target, text_file, report_only=True))
+    assert result.complete and result.cells_run == 0 and result.cells_skipped == CELLS_PER_ARCH
+    assert (target / "results.json").read_text() == stored  # figures and their machine untouched
+    report = (target / "report.md").read_text()
+    assert "Status: complete" in report
+    # The same report but for the order of the seeds' keys (results.json stores them sorted).
+    same = lambda text: [line for line in text.splitlines() if "Seeds:" not in line]  # noqa: E731
+    assert same(report) == same((out / "report.md").read_text())
+
+
+def test_report_only_needs_no_gpu_for_a_gpu_suite(finished, tmp_path, text_file, monkeypatch):
+    out, _ = finished
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpu_suite = replace(TINY, device="cuda")
+    result = run_arena(_opts(tmp_path, text_file, suite=gpu_suite, report_only=True))
+    assert result.cells_run == 0 and (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [(dict(fresh=True), "--fresh would discard them"), (dict(), "does not exist; run the arena first")],
+)
+def test_report_only_bad_input(tmp_path, text_file, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_arena(_opts(tmp_path / "empty", text_file, report_only=True, **kw))

@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "speed cells use one process per GPU; a time budget then applies to each process",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite report.md and the plots from --out's results.json; runs nothing (no GPU needed)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,9 +87,14 @@ def run(args: argparse.Namespace) -> int:
         stop_after_s=args.stop_after,
         progress=not args.quiet,
         workers=args.workers,
+        report_only=args.report_only,
     )
     result = run_arena(opts)
     where = result.out / "report.md"
+    if opts.report_only:
+        state = "complete" if result.complete else "partial"
+        print(f"arena: report rewritten from {result.cells_skipped} stored cells ({state}): {where}")
+        return 0
     table = summary_table(result.out / "results.json")
     if table:
         print(table)

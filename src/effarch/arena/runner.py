@@ -40,6 +40,9 @@ class ArenaOptions:
     # Processes for the quality cells (one architecture per process); None = auto: one per GPU (processes
     # sharing a GPU take turns on it rather than overlapping), 1 on a CPU. Speed cells use one per GPU.
     workers: int | None = None
+    # Rewrite report.md and the plots from the stored results.json without running any cell (no device needed:
+    # a GPU run's results can be reported on a CPU machine).
+    report_only: bool = False
 
 
 @dataclass
@@ -74,6 +77,10 @@ def _resolve_suite(opts: ArenaOptions) -> tuple[Suite, torch.device]:
     name = suite.device if opts.device == "auto" else opts.device
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"--device {opts.device!r} is not one of auto, cpu, cuda")
+    if opts.report_only and opts.fresh:
+        raise ValueError("--report-only reports the stored results; --fresh would discard them (pass one of the two)")
+    if name.startswith("cuda") and not torch.cuda.is_available() and opts.report_only:
+        name = "cpu"  # nothing runs: the device only names the fingerprints' machine
     if name.startswith("cuda") and not torch.cuda.is_available():
         if opts.device != "auto":
             raise ValueError(f"--device {opts.device} asks for a CUDA GPU and this machine has none; use --device cpu")
@@ -109,7 +116,12 @@ class Arena:
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"--out {str(self.out)!r} exists and is not a folder")
         self.corpus = None
-        if opts.only != "speed" and (opts.data is not None or any(t.kind == "lm" for t in self.suite.tasks)):
+        if opts.report_only:
+            if not (self.out / "results.json").exists():
+                raise ValueError(
+                    f"--report-only: {str(self.out / 'results.json')!r} does not exist; run the arena first"
+                )
+        elif opts.only != "speed" and (opts.data is not None or any(t.kind == "lm" for t in self.suite.tasks)):
             self.corpus = self._load_corpus()
         self.store = ResultStore(self.out, fresh=opts.fresh)
         self._data: dict[str, dict] = {}
@@ -347,6 +359,11 @@ class Arena:
     def run(self, *, write_report: bool = True) -> ArenaRun:
         from effarch.arena.report import write_report as write
 
+        if self.opts.report_only:  # the stored figures and their machine as they are; nothing runs
+            planned = [c.id for c in self.plan(everything=True)]
+            write(self.out, self.store.data, self.suite, self.archs, planned)
+            stored = sum(cid in self.store.cells for cid in planned)
+            return ArenaRun(self.out, complete=stored == len(planned), cells_skipped=stored)
         t_start = time.monotonic()
         self.store.set_meta(**self.metadata())
         self.store.flush()
