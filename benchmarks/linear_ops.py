@@ -371,11 +371,19 @@ def main() -> None:
         choices=["tf32", "input"],
         help="products of the additive rule's decay-gradient kernels (default: the library's choice)",
     )
+    ap.add_argument(
+        "--state-bwd-dots",
+        default=None,
+        choices=["tf32", "input"],
+        help="products of the delta rule's reverse state pass (default: the library's choice)",
+    )
     args = ap.parse_args()
-    if args.decay_grad_dots is not None:
-        from effarch.ops.linear.triton import backward
+    from effarch.ops.linear.triton import backward
 
+    if args.decay_grad_dots is not None:
         backward.DECAY_GRAD_DOTS = args.decay_grad_dots
+    if args.state_bwd_dots is not None:
+        backward.STATE_BWD_DOTS = args.state_bwd_dots
     if args.wgmma != "auto":
         from effarch.ops.linear.triton import launch
 
