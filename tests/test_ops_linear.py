@@ -171,6 +171,27 @@ def test_gradients_match_reference(rule, decay, form):
         assert_close(got[name], expected[name], tol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["reference", "parallel", "chunk16"])
+@pytest.mark.parametrize("rule,decay", CASES, ids=CASE_IDS)
+def test_key_groups_equal_repeated_keys(rule, decay, form):
+    """q, k with one head serving both value heads (Mamba2's shared B and C) equal q, k repeated per head; the
+    group's gradient is the sum of its heads' (checked against the repeated call's)."""
+    inputs = make_inputs(rule, decay, 2, 37)
+    inputs["q"], inputs["k"] = inputs["q"][:, :, :1], inputs["k"][:, :, :1]
+    repeated = {**inputs, "q": inputs["q"].expand(-1, -1, H, -1), "k": inputs["k"].expand(-1, -1, H, -1)}
+    fn = linear_recurrence_reference if form == "reference" else FORMS[form]
+    got = grads(fn, inputs)
+    want = grads(linear_recurrence_reference, repeated)  # per repeated head: the group's is their sum
+    want["q"], want["k"] = want["q"].sum(2, keepdim=True), want["k"].sum(2, keepdim=True)
+    for name in want:
+        assert got[name].shape == want[name].shape
+        assert_close(got[name], want[name], tol=1e-10)
+    o, f = call(fn, inputs, output_final_state=True)
+    o_ref, f_ref = call(linear_recurrence_reference, repeated, output_final_state=True)
+    assert_close(o, o_ref, tol=1e-12)
+    assert_close(f, f_ref, tol=1e-12)
+
+
 @pytest.mark.parametrize("rule,decay", [("additive", "per_key"), ("delta", "scalar")])
 def test_packed_gradients_match_reference(rule, decay):
     cu = torch.tensor([0, 1, 1, 20, 45])
@@ -281,6 +302,7 @@ def test_bad_chunk_size(chunk_size):
 BAD = {
     "q is 3-D": (dict(q=torch.randn(1, 4, H)), "expects q, k"),
     "k shape": (dict(k=torch.randn(1, 4, H, K + 1)), "do not match"),
+    "key heads not dividing": (dict(q=torch.randn(1, 4, 3, K), k=torch.randn(1, 4, 3, K)), "divide them"),
     "log_decay shape": (dict(log_decay=torch.randn(1, 4)), "log_decay has shape"),
     "unknown rule": (dict(rule="hebbian"), "rule 'hebbian'"),
     "beta without delta": (dict(beta=torch.rand(1, 4, H)), "beta is only used"),

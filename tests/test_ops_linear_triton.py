@@ -109,6 +109,33 @@ def test_packed_sequences_match_reference(case):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["scalar", "per_key", "gated_delta"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_key_groups_match_the_reference(case, grad):
+    """q, k with one head serving two value heads (Mamba2's shared B and C): outputs, states and gradients
+    (a group's gradient sums over its heads); without gradients short inputs take the token-by-token kernel."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 37 if grad else 5, 2, 16, 16)
+    q, k = q[:, :, :1].contiguous(), k[:, :, :1].contiguous()
+    if rule == "delta":
+        k = F.normalize(k, dim=-1)
+    if grad:
+        ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+        ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+        assert ours["dq"].shape == q.shape and ours["dk"].shape == k.shape
+        assert_all_close(ours, ref, 1e-5)
+        return
+    with torch.no_grad():
+        o, f = linear_recurrence_triton(q, k, v, **kw, output_final_state=True)
+        o_ref, f_ref = linear_recurrence_reference(q.expand_as(v[..., :16]), k.expand_as(v[..., :16]), v, **kw,
+                                                   output_final_state=True)  # fmt: skip
+        state = kw["initial_state"].clone()
+        o_step = linear_recurrence_step_triton(q, k, v, state, **{n: x for n, x in kw.items() if n != "initial_state"})
+    assert_all_close({"o": o, "final": f, "o_step": o_step, "state": state},
+                     {"o": o_ref, "final": f_ref, "o_step": o_ref, "state": f_ref}, 1e-5)  # fmt: skip
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize(("case", "chunk"), [("per_key", 64), ("gated_delta", 64), ("scalar", 16), ("delta", 16)])
 def test_dense_batch_other_chunk_sizes(case, chunk, monkeypatch):
     """B = 2 without cu_seqlens; chunk 64 (four sub-blocks, one partial chunk) and 16 (one sub-block)."""

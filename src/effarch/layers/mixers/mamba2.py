@@ -95,9 +95,9 @@ class Mamba2(LinearMixer):
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
         xs, Bm, Cm = ctx.conv("xBC", xBC).split([self.d_inner, G * N, G * N], dim=-1)
         xs = self.split_heads(xs)  # [B,T,H,P]
-        # Each group's B and C serve H / G consecutive heads.
-        Bm = Bm.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
-        Cm = Cm.unflatten(-1, (G, N)).repeat_interleave(H // G, dim=2)
+        # Each group's B and C serve H / G consecutive heads: passed as key groups [B,T,G,N], so the backward
+        # keeps G copies, not H (they were a quarter of Mamba2's saved activations).
+        Bm, Cm = Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
         dt = F.softplus(upcast(dt) + self.dt_bias)  # [B,T,H]
         log_decay = -torch.exp(upcast(self.A_log)) * dt
         v = (xs * dt[..., None]).to(xs.dtype)

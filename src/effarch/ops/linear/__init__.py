@@ -63,7 +63,9 @@ def linear_recurrence(
     """o_t = scale * q_t S_t with S_t = D_t S_{t-1} + k_t^T v_t ("additive") or
     S_t = D_t (I - b_t k_t^T k_t) S_{t-1} + b_t k_t^T v_t ("delta"), D_t = diag(exp(log_decay_t)).
 
-    q, k [B,T,H,K]; v [B,T,H,V]; log_decay None, [H], [B,T,H] or [B,T,H,K]; beta [B,T,H] (delta);
+    q, k [B,T,H,K]; v [B,T,H,V]; log_decay None, [H], [B,T,H] or [B,T,H,K]; beta [B,T,H] (delta). q and k may
+    have G heads where G divides H (key groups, as Mamba2's B and C: group g serves heads g*H/G .. (g+1)*H/G - 1);
+    the Triton path then keeps only the G heads for the backward instead of H copies;
     initial_state / final state [N,H,K,V] float32 (N = B, or the number of sequences in cu_seqlens);
     cu_seqlens int64 [N+1] marks packed sequences when B = 1. Returns (o [B,T,H,V], final_state or None).
     """

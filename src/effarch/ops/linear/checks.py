@@ -33,16 +33,28 @@ class RecurrenceInputs:
         return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
+def expand_key_heads(q: torch.Tensor, k: torch.Tensor, heads: int, dim: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k with fewer heads than v (key groups, as Mamba2's B and C: group g serves the heads g*H/G ..
+    (g+1)*H/G - 1) repeated to `heads` along `dim`; unchanged when they already have that many."""
+    if q.shape[dim] == heads:
+        return q, k
+    group = heads // q.shape[dim]
+    return q.repeat_interleave(group, dim=dim), k.repeat_interleave(group, dim=dim)
+
+
 def check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens) -> RecurrenceInputs:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"linear_recurrence expects q, k [B,T,H,K] and v [B,T,H,V]; got {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"linear_recurrence: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    if q.shape != k.shape or v.shape[:2] != q.shape[:2] or v.shape[2] % max(q.shape[2], 1):
+        raise ValueError(
+            f"linear_recurrence: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+            "(q and k alike; their heads equal v's or divide them, as key groups)"
+        )
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[-1]
     if rule not in RULES:
         raise ValueError(f"linear_recurrence rule {rule!r} is not one of {RULES}")
     if log_decay is not None and tuple(log_decay.shape) not in ((H,), (B, T, H), (B, T, H, K)):

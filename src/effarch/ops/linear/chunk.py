@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from effarch.ops.linear.checks import check_inputs
+from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.parallel import (
     BlockGrid,
     BlockTerms,
@@ -111,6 +111,7 @@ def linear_recurrence_chunked(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     inp = check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
+    q, k = expand_key_heads(q, k, inp.H)  # key groups serve several heads
     if rule == "delta" and log_decay is not None and log_decay.dim() == 4:
         raise NotImplementedError("rule 'delta' with per-key log_decay [B,T,H,K] has no chunked form")
     grid = BlockGrid.build(inp, chunk_size, q.device)

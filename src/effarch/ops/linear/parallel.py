@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from effarch.ops.linear.checks import RecurrenceInputs, check_inputs
+from effarch.ops.linear.checks import RecurrenceInputs, check_inputs, expand_key_heads
 
 ScoresFn = Callable[..., torch.Tensor]
 
@@ -247,6 +247,7 @@ def linear_recurrence_parallel(
     """Whole-sequence quadratic form (one block per sequence); arguments and result as
     `effarch.ops.linear.linear_recurrence`. Memory O(T^2) per head (O(T^2 K) with per-key decay)."""
     inp = check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
+    q, k = expand_key_heads(q, k, inp.H)  # key groups serve several heads
     if rule == "delta" and log_decay is not None and log_decay.dim() == 4:
         raise NotImplementedError("rule 'delta' with per-key log_decay [B,T,H,K] has no parallel form")
     if cu_seqlens is None:

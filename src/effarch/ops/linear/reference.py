@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from effarch.ops.linear.checks import RecurrenceInputs, check_inputs
+from effarch.ops.linear.checks import RecurrenceInputs, check_inputs, expand_key_heads
 
 
 def _decay_at(inp: RecurrenceInputs, b: int, t: int) -> torch.Tensor | None:
@@ -43,6 +43,7 @@ def linear_recurrence_reference(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token loop; see `effarch.ops.linear.linear_recurrence` for the arguments."""
     inp = check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
+    q, k = expand_key_heads(q, k, inp.H)  # key groups serve several heads
     cd = inp.compute_dtype
     o = torch.empty(q.shape[0], q.shape[1], inp.H, inp.V, dtype=cd, device=q.device)
     finals = []

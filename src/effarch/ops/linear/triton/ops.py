@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.linear.checks import check_inputs
+from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.triton.backward import chunk_backward
 from effarch.ops.linear.triton.launch import chunk_forward, kernel_build_options, recurrent_forward
 from effarch.ops.linear.triton.layout import ChunkTable
@@ -37,6 +37,7 @@ def chunk_fwd_op(
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
     cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32, or an empty tensor)."""
     table = ChunkTable.build(cu, dense_len, chunk)
+    q, k = expand_key_heads(q, k, v.shape[1], dim=1)  # key groups: the copies live only during the call
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
     return o, (hT if hT is not None else _empty(q))
@@ -44,7 +45,7 @@ def chunk_fwd_op(
 
 @chunk_fwd_op.register_fake
 def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final):
-    n, (_, H, K), V = cu.shape[0] - 1, q.shape, v.shape[-1]
+    n, K, (_, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
     final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
     return torch.empty_like(v), final
 
@@ -103,9 +104,13 @@ def _backward(ctx, do, dhT):
     q, k, v, g, beta, h0, cu = ctx.saved_tensors
     scale, delta, dense_len, chunk = ctx.args
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
+    groups = q.shape[1]
+    qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
-        do.contiguous(), dhT, q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk
+        do.contiguous(), dhT, qe, ke, v, g, beta, h0, cu, scale, delta, dense_len, chunk
     )
+    if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
+        dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))
     return (
         dq,
         dk,
@@ -149,7 +154,7 @@ def _(q, k, v, g, beta, state, cu, scale, delta):
 
 def _packed(q, k, v, log_decay, beta, inp):
     """[B,T,...] inputs as packed [B*T, ...] contiguous tensors of q's dtype; log decay as float32."""
-    B, T, H, K = q.shape
+    B, T, H = q.shape[0], q.shape[1], v.shape[2]
     flat = lambda x: x.reshape(B * T, *x.shape[2:]).contiguous()
     g = log_decay
     if g is not None:
@@ -188,7 +193,7 @@ def linear_recurrence_triton(
     (chunks of 64 tokens) with autograd, or the token-by-token kernel for short inputs without gradients
     and for the delta rule with per-key decay."""
     inp = check_inputs(q, k, v, log_decay, beta, rule, scale, initial_state, cu_seqlens)
-    B, T, H, _ = q.shape
+    B, T, H = q.shape[0], q.shape[1], v.shape[2]
     qp, kp, vp, g, bp = _packed(q, k, v, log_decay, beta, inp)
     cu, dense_len = _cu(q, cu_seqlens)
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -198,6 +203,7 @@ def linear_recurrence_triton(
     if per_key_delta and grad:
         raise NotImplementedError("rule 'delta' with per-key log_decay has no Triton backward")
     if per_key_delta or (T <= RECURRENT_MAX_T and not grad):
+        qp, kp = expand_key_heads(qp, kp, H, dim=1)
         state = h0.clone() if h0 is not None else q.new_zeros(inp.n_sequences, H, inp.K, inp.V, dtype=torch.float32)
         o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
         final = state if output_final_state else None
@@ -226,8 +232,9 @@ def linear_recurrence_step_triton(
         raise ValueError(
             f"state must be a contiguous float32 tensor; got {state.dtype}, contiguous={state.is_contiguous()}"
         )
-    B, T, H, _ = q.shape
+    B, T, H = q.shape[0], q.shape[1], v.shape[2]
     qp, kp, vp, g, bp = _packed(q, k, v, log_decay, beta, inp)
+    qp, kp = expand_key_heads(qp, kp, H, dim=1)
     cu, _ = _cu(q, cu_seqlens)
     o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, rule == "delta")
     return o.reshape(B, T, H, inp.V).to(v.dtype)
