@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -81,3 +82,26 @@ def test_gated_rms_norm_equals_its_plain_chain_and_trains_its_weight():
     for a, b in zip(got, want):
         assert torch.equal(a, b)
     assert got[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("T", [1, 2, 9])
+@pytest.mark.parametrize("with_tail", [False, True])
+def test_short_convolution_training_path_equals_the_plain_one(T, with_tail):
+    """With gradients the conv keeps only its input and recomputes; values, gradients and the carried tail
+    equal the plain path (T shorter than the tail too)."""
+    from effarch.layers.conv import ShortConvolution
+
+    torch.manual_seed(0)
+    conv = ShortConvolution(6, kernel_size=4, bias=True).double()
+    x = torch.randn(2, T, 6, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(2, 3, 6, dtype=torch.float64) if with_tail else None
+    y, new_tail = conv(x, tail)
+    y_ref, tail_ref = conv._conv_act_tail(x, tail)
+    assert torch.equal(y, y_ref) and torch.equal(new_tail, tail_ref)
+    up = torch.randn_like(y)
+    got = torch.autograd.grad((y * up).sum(), (x, conv.weight, conv.bias))
+    want = torch.autograd.grad((y_ref * up).sum(), (x, conv.weight, conv.bias))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    kept = _saved_bytes(lambda a: conv(a, tail)[0], x)
+    assert kept <= x.numel() * 8 + (tail.numel() * 8 if with_tail else 0)  # the input (and tail) only

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effarch.layers.recompute import recomputed
+
 
 def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:], torch.arange(total, device=cu_seqlens.device), right=True)
@@ -103,5 +105,20 @@ class ShortConvolution(nn.Module):
             nn.init.uniform_(self.weight, -(self.kernel_size**-0.5), self.kernel_size**-0.5)
 
     def forward(self, x, tail=None, *, cu_seqlens=None):
+        if torch.is_grad_enabled() and self.causal and cu_seqlens is None:
+            # Training: the backward keeps only x and recomputes the padded input, the conv and the SiLU,
+            # instead of holding two more copies of the activations.
+            W = self.kernel_size
+            xx_tail = x[:, x.shape[1] - (W - 1) :] if x.shape[1] >= W - 1 else None
+            if xx_tail is None:
+                start = tail if tail is not None else x.new_zeros(x.shape[0], W - 1, x.shape[2])
+                xx_tail = torch.cat([start.to(x.dtype), x], dim=1)[:, -(W - 1) :]
+            return recomputed(self._conv_act, x, tail), xx_tail
+        return self._conv_act_tail(x, tail, cu_seqlens)
+
+    def _conv_act_tail(self, x, tail, cu_seqlens=None):
         y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)
         return (F.silu(y) if self.activation == "silu" else y), new_tail
+
+    def _conv_act(self, x, tail):
+        return self._conv_act_tail(x, tail)[0]
