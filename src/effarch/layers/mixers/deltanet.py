@@ -18,7 +18,13 @@ from torch import nn
 
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
+from effarch.layers.recompute import recomputed
 from effarch.registry import register_mixer
+
+
+def _unit_heads(t: torch.Tensor) -> torch.Tensor:
+    """Each head's vector scaled to unit L2 norm."""
+    return F.normalize(t, dim=-1)
 
 
 @register_mixer(
@@ -85,8 +91,8 @@ class DeltaNet(LinearMixer):
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         log_decay, beta = self.gates(x)
-        q = F.normalize(self.split_heads(q), dim=-1)
-        k = F.normalize(self.split_heads(k), dim=-1)
+        # L2-normalised per head (float32 under autocast), recomputed in backward from the 16-bit inputs.
+        q, k = recomputed(_unit_heads, self.split_heads(q)), recomputed(_unit_heads, self.split_heads(k))
         return Features(q, k, self.split_heads(v), log_decay=log_decay, beta=beta)
 
     def flops_per_token(self, seq_len: int) -> float:
