@@ -272,40 +272,36 @@ def test_fake_implementation_matches_schema():
 # ----------------------------------------------------------------------------- CUDA
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", list(CASES))
-def test_cuda_bf16_matches_float32_at_real_shapes(case):
+def _check_bf16_against_float32(case: str, B: int, T: int, H: int, K: int, V: int) -> None:
+    """bf16 kernels against the float32 chunked form on the same (bf16-rounded) inputs: 1e-2 relative, 3e-2
+    for decay gradients. The additive rule's decay gradient is a suffix sum of q dq - k dk, whose terms cancel:
+    bf16 rounding in dq and dk is amplified (peers hold it to 2e-2; seen here: up to 1.8e-2 with bf16 products)."""
     rule, decay = CASES[case]
-    q, k, v, kw = make(rule, decay, 2, 1000, 4, 128, 128, dtype=torch.bfloat16)
+    q, k, v, kw = make(rule, decay, B, T, H, K, V, dtype=torch.bfloat16)
     if rule == "delta":
         q = F.normalize(q.float(), dim=-1).bfloat16()
     kw["initial_state"] = kw["initial_state"] * 0.1
     ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
     ref_kw = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
     ref = outputs_and_grads(linear_recurrence_chunked, q.float(), k.float(), v.float(), ref_kw)
-    # The additive rule's decay gradient is a suffix sum of q dq - k dk, whose terms cancel: bf16 rounding
-    # in dq and dk is amplified (peers hold it to 2e-2; seen here: up to 1.8e-2 with bf16 products).
     if decay == "fixed":
         _check_fixed_decay_gradient(ours, ref)
     assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_bf16_matches_float32_at_real_shapes(case):
+    _check_bf16_against_float32(case, 2, 1000, 4, 128, 128)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("K", "V"), [(16, 16), (16, 32), (32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_bf16_small_head_dims(case, K, V):
-    """Small models (the arena's debug and small sizes) run heads of 16 to 64: bf16 at those widths."""
-    rule, decay = CASES[case]
-    q, k, v, kw = make(rule, decay, 3, 200, 2, K, V, dtype=torch.bfloat16)
-    if rule == "delta":
-        q = F.normalize(q.float(), dim=-1).bfloat16()
-    kw["initial_state"] = kw["initial_state"] * 0.1
-    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
-    ref_kw = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
-    ref = outputs_and_grads(linear_recurrence_chunked, q.float(), k.float(), v.float(), ref_kw)
-    if decay == "fixed":
-        _check_fixed_decay_gradient(ours, ref)
-    assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
+    """Small models (the arena's debug and small sizes) run heads of 16 to 64: bf16 at those widths, where
+    Hopper's wgmma build was wrong (see launch.WGMMA)."""
+    _check_bf16_against_float32(case, 3, 200, 2, K, V)
 
 
 def _check_fixed_decay_gradient(ours: dict, ref: dict) -> None:
