@@ -304,6 +304,23 @@ def test_cuda_bf16_small_head_dims(case, K, V):
     _check_bf16_against_float32(case, 3, 200, 2, K, V)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["scalar", "gated_delta"])
+def test_cuda_key_groups_bf16(case):
+    """Mamba2's layout on the GPU: one key group serving four value heads, K = 128, V = 64, bf16."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 300, 4, 128, 64, dtype=torch.bfloat16)
+    q, k = q[:, :, :1].contiguous(), k[:, :, :1].contiguous()
+    if rule == "delta":
+        q, k = (F.normalize(x.float(), dim=-1).bfloat16() for x in (q, k))
+    kw["initial_state"] = kw["initial_state"] * 0.1
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref_kw = {n: x.float() if isinstance(x, torch.Tensor) else x for n, x in kw.items()}
+    ref = outputs_and_grads(linear_recurrence_chunked, q.float(), k.float(), v.float(), ref_kw)
+    assert ours["dq"].shape == q.shape
+    assert_all_close(ours, ref, 1e-2, {"dlog_decay": 3e-2})
+
+
 def _check_fixed_decay_gradient(ours: dict, ref: dict) -> None:
     """One decay per head: its gradient sums the per-token terms (held to 3e-2 in the "scalar" case) over every
     token, where they cancel, so bf16 rounding of q and k leaves a large relative error (on an H200 with Triton
