@@ -176,20 +176,25 @@ class TTTLinear(TokenMixer):
         st = dict(self.initial_state(q.shape[0], q.dtype) if state is None else state)
         W0, c0, W, c = st["W0"], st["c0"], st["W"], st["c"]
         gamma, beta = self.ttt_norm_weight.to(q.dtype), self.ttt_norm_bias.to(q.dtype)
-        outs = []
+        target = v - k  # the inner model reconstructs v - k from k (the residual form)
+        zqs = []
+        # Only the weight updates are sequential: the target above and the read-out's normalisation below run
+        # once over all mini-batches, so each loop step launches fewer kernels.
         for s, e, completes in segments_of(None if state is None else st["pos"], q.shape[1], self.mini_batch_size):
             X, Q, lr = k[:, s:e], q[:, s:e], eta[:, s:e]
             Z = torch.einsum("blhk,bhkj->blhj", X, W0) + c0[:, None]
-            gZ = layer_norm_and_grad(Z, v[:, s:e] - X, gamma, beta)  # [B, L, H, K]
+            gZ = layer_norm_and_grad(Z, target[:, s:e], gamma, beta)  # [B, L, H, K]
             # Dual form: q_t W_t + c_t = q_t W + c - sum_{s<=t} eta_s (q_t . k_s + 1) gZ_s
             mix = (torch.einsum("bthk,bshk->bhts", Q, X) + 1).tril() * lr.transpose(1, 2)[:, :, None, :]
-            Zq = torch.einsum("bthk,bhkj->bthj", Q, W) + c[:, None] - torch.einsum("bhts,bshj->bthj", mix, gZ)
-            outs.append(Q + F.layer_norm(Zq, (Zq.shape[-1],), None, None, LN_EPS) * gamma + beta)
+            zqs.append(torch.einsum("bthk,bhkj->bthj", Q, W) + c[:, None] - torch.einsum("bhts,bshj->bthj", mix, gZ))
             W = W - torch.einsum("bsh,bshk,bshj->bhkj", lr, X, gZ)
             c = c - torch.einsum("bsh,bshj->bhj", lr, gZ)
             W0, c0 = keep_where(completes, W, W0), keep_where(completes, c, c0)
         pos_t = (st["pos"] + q.shape[1]) % self.mini_batch_size
-        out = torch.cat(outs, 1) if outs else q
+        if not zqs:
+            return q, dict(W0=W0, c0=c0, W=W, c=c, pos=pos_t)
+        Zq = torch.cat(zqs, 1)
+        out = q + F.layer_norm(Zq, (Zq.shape[-1],), None, None, LN_EPS) * gamma + beta
         return out, dict(W0=W0, c0=c0, W=W, c=c, pos=pos_t)
 
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *, cu_seqlens: torch.Tensor | None = None):
