@@ -473,3 +473,18 @@ def test_report_only_needs_no_gpu_for_a_gpu_suite(finished, tmp_path, text_file,
 def test_report_only_bad_input(tmp_path, text_file, kw, match):
     with pytest.raises(ValueError, match=match):
         run_arena(_opts(tmp_path / "empty", text_file, report_only=True, **kw))
+
+
+def test_cells_record_the_code_and_the_report_flags_mixed_versions(finished, tmp_path, text_file):
+    from effarch.arena.store import code_stamp
+
+    out, _ = finished
+    data = json.loads((out / "results.json").read_text())
+    assert {c["code"] for c in data["cells"].values()} == {code_stamp()}
+    assert "versions of effarch's code" not in (out / "report.md").read_text()
+    first = next(iter(data["cells"]))
+    data["cells"][first]["code"] = "0123456789ab"
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    run_arena(_opts(tmp_path, text_file, report_only=True))
+    report = (tmp_path / "report.md").read_text()
+    assert "measured by 2 versions of effarch's code" in report and "1 by 0123456789ab" in report

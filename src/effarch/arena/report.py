@@ -376,6 +376,17 @@ def _settings_section(suite: Suite, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _code_versions(data: dict[str, Any], planned: list[str]) -> dict[str, int]:
+    """Cells per code version (see `store.code_stamp`) among the planned cells that have results."""
+    counts: dict[str, int] = {}
+    for cid in planned:
+        cell = data["cells"].get(cid)
+        if cell is not None:
+            code = cell.get("code", "an unrecorded version")
+            counts[code] = counts.get(code, 0) + 1
+    return counts
+
+
 def write_report(folder: str | Path, data: dict[str, Any], suite: Suite, archs: list, planned: list[str]) -> Path:
     """Write report.md and the plots into `folder`; returns the report's path."""
     folder = Path(folder)
@@ -409,6 +420,13 @@ def write_report(folder: str | Path, data: dict[str, Any], suite: Suite, archs: 
     for note, cids in grouped.items():
         shown = ", ".join(cids[:4]) + (f" and {len(cids) - 4} more" if len(cids) > 4 else "")
         notes.append(f"{len(cids)} cell(s) failed with `{note}`: {shown}")
+    codes = _code_versions(data, planned)
+    if len(codes) > 1:
+        counts = ", ".join(f"{n} by {code}" for code, n in sorted(codes.items(), key=lambda kv: -kv[1]))
+        notes.append(
+            f"The figures were measured by {len(codes)} versions of effarch's code ({counts}): cells are kept when "
+            "the code changes, so compare across versions with care; delete cells (or run with --fresh) to re-measure."
+        )
     if notes:
         sections.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
     path = folder / "report.md"

@@ -20,7 +20,7 @@ import torch
 from effarch.arena import quality, speed
 from effarch.arena.archs import Arch, resolve_archs, task_config
 from effarch.arena.deadline import CellTimeout, deadline
-from effarch.arena.store import ResultStore, fingerprint, machine_info, versions
+from effarch.arena.store import ResultStore, code_stamp, fingerprint, machine_info, versions
 from effarch.arena.suites import Suite, TaskSpec, get_suite
 
 
@@ -429,7 +429,9 @@ class Arena:
                     # Retried by the next run, like the failed cell itself.
                     stopped_speed.setdefault((c.kind, c.arch.label), "a shorter length failed (retried next run)")
                 where = {"task": c.task.name, "lr": c.lr} if c.kind == "quality" else {"length": c.length}
-                self.store.put(c.id, fp, {"kind": c.kind, "arch": c.arch.label, **where, **record})
+                self.store.put(
+                    c.id, fp, {"kind": c.kind, "arch": c.arch.label, **where, **record, "code": code_stamp()}
+                )
                 result.cells_run += 1
                 result.ran.append(c.id)
                 result.cells_failed += record.get("status") == "error"

@@ -7,6 +7,7 @@ the fingerprint, so adding an architecture does not redo the others' cells.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -128,3 +129,17 @@ def versions() -> dict[str, str | None]:
         except Exception:  # not installed, or broken on this machine: recorded as absent
             out[mod] = None
     return out
+
+
+@functools.cache
+def code_stamp() -> str:
+    """A short hash of effarch's own source files: each cell records the code that measured it, so a report
+    can say when its figures come from different versions (a cell is not redone just because the code moved)."""
+    import effarch
+
+    root = Path(effarch.__file__).parent
+    h = hashlib.sha1()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
