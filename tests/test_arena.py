@@ -402,6 +402,9 @@ def test_workers_run_each_architecture_in_its_own_process_and_resume(tmp_path, t
     assert "Status" in (tmp_path / "report.md").read_text()
     again = run_arena(_opts(tmp_path, text_file, archs=archs, workers=2, only="quality"))
     assert again.cells_run == 0 and again.cells_skipped == 2 * 4
+    # --redo also clears the jobs' own stores, which would otherwise seed the jobs with the old cells.
+    redone = run_arena(_opts(tmp_path, text_file, archs=archs, workers=2, only="quality", redo=["retnet:debug"]))
+    assert redone.cells_run == 4 and redone.cells_skipped == 4
 
 
 def test_bad_worker_count_is_refused(tmp_path, text_file):
@@ -488,3 +491,35 @@ def test_cells_record_the_code_and_the_report_flags_mixed_versions(finished, tmp
     run_arena(_opts(tmp_path, text_file, report_only=True))
     report = (tmp_path / "report.md").read_text()
     assert "measured by 2 versions of effarch's code" in report and "1 by 0123456789ab" in report
+
+
+def test_redo_measures_the_chosen_stored_cells_again(finished, tmp_path, text_file):
+    out, _ = finished
+    stored = json.loads((out / "results.json").read_text())["cells"]
+    label = next(iter(stored.values()))["arch"]
+    n_train = sum(c["kind"] == "train" for c in stored.values())
+    for redo, expected in (
+        (["train"], n_train),
+        (["speed", label], sum(c["kind"] in ("cache", "train", "infer") for c in stored.values())),
+        (["quality"], sum(c["kind"] == "quality" for c in stored.values())),
+    ):
+        target = tmp_path / "-".join(redo)
+        target.mkdir()
+        (target / "results.json").write_text((out / "results.json").read_text())
+        run = run_arena(_opts(target, text_file, redo=redo))
+        assert run.cells_run == expected and run.cells_skipped == CELLS_PER_ARCH - expected
+    again = run_arena(_opts(target, text_file))  # without --redo the run resumes
+    assert again.cells_run == 0
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(redo=["nonsense"]), "neither a cell kind"),
+        (dict(redo=["train"], fresh=True), "cannot be combined"),
+        (dict(redo=["train"], report_only=True), "cannot be combined"),
+    ],
+)
+def test_redo_bad_input(tmp_path, text_file, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run_arena(_opts(tmp_path, text_file, **kw))

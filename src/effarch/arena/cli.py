@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--redo",
+        default=None,
+        metavar="LIST",
+        help="measure these stored cells again: kinds (quality, speed, cache, train, infer) and/or architectures, "
+        "comma-separated (e.g. speed,mamba2: Mamba2's speed cells)",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rewrite report.md and the plots from --out's results.json; runs nothing (no GPU needed)",
@@ -88,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         workers=args.workers,
         report_only=args.report_only,
+        redo=[r.strip() for r in args.redo.split(",") if r.strip()] if args.redo else None,
     )
     result = run_arena(opts)
     where = result.out / "report.md"

@@ -9,6 +9,7 @@ a wall-clock limit per cell stops the pathological ones.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,6 +23,7 @@ from effarch.arena.archs import Arch, resolve_archs, task_config
 from effarch.arena.deadline import CellTimeout, deadline
 from effarch.arena.store import ResultStore, code_stamp, fingerprint, machine_info, versions
 from effarch.arena.suites import Suite, TaskSpec, get_suite
+from effarch.utils import atomic_write_text
 
 
 @dataclass
@@ -43,6 +45,10 @@ class ArenaOptions:
     # Rewrite report.md and the plots from the stored results.json without running any cell (no device needed:
     # a GPU run's results can be reported on a CPU machine).
     report_only: bool = False
+    # Cells to measure again although stored: kinds ("quality", "speed" = cache/train/infer, or one of those)
+    # and/or architecture labels; a cell is redone when it matches a kind given (if any) and an architecture
+    # given (if any). They are deleted from results.json (and the jobs' stores) before the run.
+    redo: list[str] | None = None
 
 
 @dataclass
@@ -77,6 +83,8 @@ def _resolve_suite(opts: ArenaOptions) -> tuple[Suite, torch.device]:
     name = suite.device if opts.device == "auto" else opts.device
     if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
         raise ValueError(f"--device {opts.device!r} is not one of auto, cpu, cuda")
+    if opts.redo is not None and (opts.report_only or opts.fresh):
+        raise ValueError("--redo re-measures some stored cells; it cannot be combined with --report-only or --fresh")
     if opts.report_only and opts.fresh:
         raise ValueError("--report-only reports the stored results; --fresh would discard them (pass one of the two)")
     if name.startswith("cuda") and not torch.cuda.is_available() and opts.report_only:
@@ -359,6 +367,8 @@ class Arena:
     def run(self, *, write_report: bool = True) -> ArenaRun:
         from effarch.arena.report import write_report as write
 
+        if self.opts.redo:
+            self._forget(self._redo_matcher(self.opts.redo))
         if self.opts.report_only:  # the stored figures and their machine as they are; nothing runs
             planned = [c.id for c in self.plan(everything=True)]
             write(self.out, self.store.data, self.suite, self.archs, planned)
@@ -452,6 +462,37 @@ class Arena:
         if write_report:
             write(self.out, self.store.data, self.suite, self.archs, [c.id for c in self.plan(everything=True)])
         return result
+
+    def _redo_matcher(self, redo: list[str]) -> Callable[[dict], bool]:
+        kinds_of = {"quality": {"quality"}, "speed": {"cache", "train", "infer"}}
+        kinds_of.update({k: {k} for k in ("cache", "train", "infer")})
+        labels = {a.label for a in self.archs}
+        kinds: set[str] = set()
+        archs: set[str] = set()
+        for item in redo:
+            if item in kinds_of:
+                kinds |= kinds_of[item]
+            elif item in labels:
+                archs.add(item)
+            else:
+                raise ValueError(
+                    f"--redo {item!r} is neither a cell kind ({', '.join(kinds_of)}) nor an architecture of this "
+                    f"run ({', '.join(sorted(labels))})"
+                )
+        return lambda c: (not kinds or c.get("kind") in kinds) and (not archs or c.get("arch") in archs)
+
+    def _forget(self, matches: Callable[[dict], bool]) -> None:
+        """Delete the matching cells from results.json and from every job's store (which seeds resumed jobs)."""
+        from effarch.arena.parallel import read_cells
+
+        for cid in [cid for cid, c in self.store.cells.items() if matches(c)]:
+            del self.store.cells[cid]
+        self.store.flush()
+        for folder in sorted((self.out / ".workers").glob("*")) if (self.out / ".workers").is_dir() else []:
+            cells = read_cells(folder)
+            kept = {cid: c for cid, c in cells.items() if not matches(c)}
+            if len(kept) != len(cells):
+                atomic_write_text(folder / "results.json", json.dumps({"format": 1, "cells": kept}, default=str) + "\n")
 
     def _quality_cap(self, n_quality: int) -> float | None:
         """Every quality cell of a budgeted run gets the same share, so the architectures run last are not
