@@ -1,8 +1,10 @@
 """Run a Triton kernel with a PyTorch fallback: a kernel that cannot be built for a shape is reported once and
-that shape then stays on the PyTorch form, instead of failing the model."""
+that shape then stays on the PyTorch form, instead of failing the model. Also the lazy import the dispatchers
+share, so the Triton modules load on first use (tests turn the interpreter on before any kernel is defined)."""
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable, Hashable
 from typing import TypeVar
@@ -34,3 +36,17 @@ class KernelFallback:
                     stacklevel=3,
                 )
         return slow()
+
+
+def import_once(namespace: dict, module: str, names: tuple[str, ...]) -> tuple | ImportError:
+    """`namespace["_triton"]`: the named objects of `module` (a tuple), or the ImportError met; imported on the
+    first call and kept in the caller's module globals (where tests can replace it)."""
+    if namespace.get("_triton") is None:
+        try:
+            mod = importlib.import_module(module)
+            namespace["_triton"] = tuple(getattr(mod, n) for n in names)
+        except ImportError as e:
+            namespace["_triton"] = e
+        except AttributeError as e:
+            namespace["_triton"] = ImportError(str(e))
+    return namespace["_triton"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from effarch.ops.kernel_fallback import KernelFallback
+from effarch.ops.kernel_fallback import KernelFallback, import_once
 from effarch.ops.linear.checks import check_inputs
 from effarch.ops.linear.chunk import linear_recurrence_chunked
 from effarch.ops.linear.parallel import linear_recurrence_parallel
@@ -22,15 +22,7 @@ _warned: set[str] = set()
 
 def _load_triton() -> tuple[Callable, Callable] | ImportError:
     """(linear_recurrence_triton, triton_supports), or the ImportError met; imported once, lazily."""
-    global _triton
-    if _triton is None:
-        try:
-            from effarch.ops.linear.triton import linear_recurrence_triton, triton_supports
-
-            _triton = (linear_recurrence_triton, triton_supports)
-        except ImportError as e:
-            _triton = e
-    return _triton
+    return import_once(globals(), "effarch.ops.linear.triton", ("linear_recurrence_triton", "triton_supports"))
 
 
 def _torch_forms(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from effarch.ops.kernel_fallback import KernelFallback
+from effarch.ops.kernel_fallback import KernelFallback, import_once
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.reference import selective_scan_reference
 
@@ -21,15 +21,7 @@ _fallback = KernelFallback("selective_scan", "the PyTorch parallel scan")
 def _load_triton() -> tuple[Callable, Callable] | ImportError:
     """(selective_scan_triton, triton_supports), or the ImportError met; imported once, lazily (so that tests
     can turn the Triton interpreter on before any kernel is defined)."""
-    global _triton
-    if _triton is None:
-        try:
-            from effarch.ops.scan.triton import selective_scan_triton, triton_supports
-
-            _triton = (selective_scan_triton, triton_supports)
-        except ImportError as e:
-            _triton = e
-    return _triton
+    return import_once(globals(), "effarch.ops.scan.triton", ("selective_scan_triton", "triton_supports"))
 
 
 # The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6); their speed against the
