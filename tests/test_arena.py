@@ -523,3 +523,13 @@ def test_redo_measures_the_chosen_stored_cells_again(finished, tmp_path, text_fi
 def test_redo_bad_input(tmp_path, text_file, kw, match):
     with pytest.raises(ValueError, match=match):
         run_arena(_opts(tmp_path, text_file, **kw))
+
+
+def test_worker_gpus_follow_the_parents_visible_devices():
+    from effarch.arena.parallel import visible_device
+
+    assert visible_device(1, None) == "1"
+    assert visible_device(0, "") == "0"
+    assert visible_device(0, "2,3") == "2"
+    assert visible_device(1, " 2, 3 ") == "3"
+    assert visible_device(1, "GPU-aaaa,GPU-bbbb") == "GPU-bbbb"

@@ -37,6 +37,15 @@ class Job:
     log: Any = None
 
 
+def visible_device(index: int, visible: str | None) -> str:
+    """The CUDA_VISIBLE_DEVICES value that shows a worker the parent's GPU `index` alone: the parent's own
+    CUDA_VISIBLE_DEVICES list (ids or UUIDs) maps its indices, so a run limited to GPUs 2,3 uses those two."""
+    if visible is None or not visible.strip():
+        return str(index)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return ids[index] if 0 <= index < len(ids) else str(index)
+
+
 def job_folder(out: Path, phase: str, label: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
     return out / ".workers" / f"{phase}-{safe}"
@@ -144,7 +153,7 @@ def _start(arena, job: Job, phase: str, suite_json: str, stop_after_s: float | N
     env = dict(os.environ)
     device = arena.device.type
     if job.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(job.gpu)
+        env["CUDA_VISIBLE_DEVICES"] = visible_device(job.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
         device = "cuda"
     env.setdefault("PYTHONUNBUFFERED", "1")
     job.log = open(job.folder / "log.txt", "a", encoding="utf-8")  # noqa: SIM115 - closed when the job ends
