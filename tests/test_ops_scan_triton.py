@@ -229,8 +229,8 @@ def test_auto_falls_back_once_when_a_triton_kernel_cannot_be_built(monkeypatch):
 
 
 @ON_CPU
-def test_auto_keeps_the_parallel_scan_until_enabled(monkeypatch):
-    """Until the kernels have run on a GPU, "auto" picks them only with EFFARCH_SCAN_TRITON=1."""
+def test_auto_keeps_the_parallel_scan_when_disabled(monkeypatch):
+    """EFFARCH_SCAN_TRITON=0 keeps "auto" on the PyTorch scan even on a GPU."""
     monkeypatch.setattr(dispatch, "AUTO_TRITON", False)
     monkeypatch.setattr(dispatch, "_on_gpu", lambda x: True)
     monkeypatch.setattr(dispatch, "_load_triton", lambda: pytest.fail("the kernel must not be loaded"))

@@ -24,10 +24,10 @@ def _load_triton() -> tuple[Callable, Callable] | ImportError:
     return import_once(globals(), "effarch.ops.scan.triton", ("selective_scan_triton", "triton_supports"))
 
 
-# The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6); their speed against the
-# PyTorch scan is not measured yet, so "auto" keeps the PyTorch scan unless EFFARCH_SCAN_TRITON=1
-# (backend="triton" always runs them).
-AUTO_TRITON = os.environ.get("EFFARCH_SCAN_TRITON", "0") == "1"
+# The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6), where they ran 13-37x
+# faster than the PyTorch scan (benchmarks/scan_ops.py, RESULTS.md), so "auto" picks them on CUDA;
+# EFFARCH_SCAN_TRITON=0 keeps the PyTorch scan (backend="triton" always runs them).
+AUTO_TRITON = os.environ.get("EFFARCH_SCAN_TRITON", "1") != "0"
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
@@ -77,7 +77,7 @@ def selective_scan(
     (int64 [N_seq+1], packed sequences with B = 1). Returns (y [B,T,D] in x's dtype, final state or None).
     backend: "reference" (step loop), "torch" (parallel associative scan), "triton" (kernels that walk
     each sequence with the state in registers; float32, bfloat16 or float16 inputs, N <= 256, on CUDA or
-    under TRITON_INTERPRET=1), "auto" ("triton" for CUDA tensors it supports when EFFARCH_SCAN_TRITON=1, else
+    under TRITON_INTERPRET=1), "auto" ("triton" for CUDA tensors it supports unless EFFARCH_SCAN_TRITON=0, else
     "torch"; a shape whose kernels fail to build is reported once and then stays on "torch").
     """
     if backend not in BACKENDS:
