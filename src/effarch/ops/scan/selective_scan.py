@@ -24,7 +24,7 @@ def _load_triton() -> tuple[Callable, Callable] | ImportError:
     return import_once(globals(), "effarch.ops.scan.triton", ("selective_scan_triton", "triton_supports"))
 
 
-# The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6), where they ran 13-37x
+# The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6), where forward+backward ran 4-13x
 # faster than the PyTorch scan (benchmarks/scan_ops.py, RESULTS.md), so "auto" picks them on CUDA;
 # EFFARCH_SCAN_TRITON=0 keeps the PyTorch scan (backend="triton" always runs them).
 AUTO_TRITON = os.environ.get("EFFARCH_SCAN_TRITON", "1") != "0"
