@@ -147,6 +147,20 @@ def test_dense_batch_other_chunk_sizes(case, chunk, monkeypatch):
     assert_all_close(ours, ref, 1e-5)
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_per_key_decay_over_several_key_slices(chunk, monkeypatch):
+    """K = 40: the per-key intra-chunk kernels walk K in slices of launch.KSLICE columns, the last one partly
+    masked (and one wholly); packed sequences, a partial chunk, every gradient."""
+    assert 40 % launch.KSLICE and 40 > 2 * launch.KSLICE
+    monkeypatch.setattr(ops, "CHUNK", chunk)
+    cu = torch.tensor([0, 19, 70, 83])
+    q, k, v, kw = make("additive", "per_key", 1, 83, 2, 40, 24, n_seq=3, seed=21)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(ours, ref, 1e-5)
+
+
 @pytest.mark.skipif(CUDA, reason="interpreter tests")
 def test_half_precision_inputs_and_no_initial_state():
     """bfloat16 and float16 inputs (float32 state and accumulation) without an initial state or final state."""

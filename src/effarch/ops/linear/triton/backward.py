@@ -15,7 +15,7 @@ import torch
 import triton
 
 from effarch.ops.linear.triton import bwd_kernels, fwd_kernels
-from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind
+from effarch.ops.linear.triton.launch import KSLICE, SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind
 from effarch.ops.linear.triton.layout import ChunkTable
 
 # 16-bit inputs: products of the delta rule's reverse state pass, and of the backward kernels when the
@@ -94,7 +94,7 @@ def chunk_backward(
     if gk == 2:
         A = _empty(T, H, chunk, dtype=torch.float32, device=dev)
         fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
+            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, KSLICE, num_warps=4
         )
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
     dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
@@ -129,8 +129,9 @@ def chunk_backward(
     )  # fmt: skip
     if gk == 2:
         bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, dA, dq, dk, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, local_dtc, num_warps=8
-        )
+            q, k, p.G, dA, dq, dk, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, local_dtc, KSLICE,
+            num_warps=8,
+        )  # fmt: skip
     if additive_decay:
         dg = additive_decay_grad(q, k, dq, dk, p.hT, dhT, gk == 2, table, dense_len)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
