@@ -149,10 +149,8 @@ def test_dense_batch_other_chunk_sizes(case, chunk, monkeypatch):
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("chunk", [32, 64])
-def test_per_key_decay_over_several_key_slices(chunk, monkeypatch):
-    """K = 40: the per-key intra-chunk kernels walk K in slices of launch.KSLICE columns, the last one partly
-    masked (and one wholly); packed sequences, a partial chunk, every gradient."""
-    assert 40 % launch.KSLICE and 40 > 2 * launch.KSLICE
+def test_per_key_decay_at_a_key_width_that_is_not_a_power_of_two(chunk, monkeypatch):
+    """K = 40, V = 24 (blocks of 64 and 32, partly masked): packed sequences, a partial chunk, every gradient."""
     monkeypatch.setattr(ops, "CHUNK", chunk)
     cu = torch.tensor([0, 19, 70, 83])
     q, k, v, kw = make("additive", "per_key", 1, 83, 2, 40, 24, n_seq=3, seed=21)
@@ -394,3 +392,16 @@ def test_cuda_autocast_runs_float32_features_in_the_autocast_dtype():
     assert o.dtype == torch.bfloat16
     torch.testing.assert_close(o, o16, rtol=0, atol=0)
     torch.testing.assert_close(s, s16, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim", "block"), [((2, 300, 3, 5), 1, 8), ((1000, 4), 0, 4), ((3, 7), 1, 64), ((130,), 0, 64)]
+)
+def test_reverse_cumsum_in_blocks_equals_the_plain_scan(shape, dim, block):
+    """Lengths over one, two and three levels of blocks, partial last blocks, inner and outer dims."""
+    from effarch.ops.linear.triton.backward import reverse_cumsum
+
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)), dtype=torch.float64).to(DEV)
+    ours = reverse_cumsum(x, dim, block)
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, x.flip(dim).cumsum(dim).flip(dim), rtol=1e-12, atol=1e-12)

@@ -311,13 +311,11 @@ def gla_intra_bwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DTC: tl.constexpr,
-    BKS: tl.constexpr,
 ):
     """Per-key decay: adds the intra-chunk terms to dq and dk (already holding the inter-chunk ones),
       dq_t += sum_{s<=t} dA_ts k_s e^{G_t - G_s},   dk_s += sum_{t>=s} dA_ts q_t e^{G_t - G_s},
-    for the BC rows of sub-block i, BKS key columns at a time, with the same splitting of exponents as
-    `gla_intra_kernel` (the diagonal sub-block as one [BC, BC, BKS] block whose decays serve dq and dk).
-    Grid (NT * BT / BC, H)."""
+    for the BC rows of sub-block i, with the same splitting of exponents as `gla_intra_kernel`. Grid
+    (NT * BT / BC, H)."""
     NB: tl.constexpr = BT // BC
     i_x, i_h = tl.program_id(0), tl.program_id(1)
     i_c = i_x // NB
@@ -326,49 +324,52 @@ def gla_intra_bwd_kernel(
     eos = tl.load(chunk_eos + i_c)
     rc = tl.arange(0, BC)
     rb = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    mk = rk < K
     ri = t0 + i * BC + rc
     mi = ri < eos
+    m_ik = mi[:, None] & mk[None, :]
+    off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    gi = tl.load(G + off_i, mask=m_ik, other=0.0)
     rs = t0 + rb
     ms = rs < eos
-    mb = (rb < i * BC) & ms  # keys in earlier sub-blocks
-    ma = (rb >= (i + 1) * BC) & ms  # queries in later sub-blocks
-    r = t0 + i * BC - 1  # the token before sub-block i
-    r2 = tl.minimum(t0 + i * BC + BC, eos) - 1  # the last valid token of sub-block i
-    row_i = dA + (ri.to(tl.int64)[:, None] * H + i_h) * BT
-    da_i = tl.load(row_i + rb[None, :], mask=mi[:, None] & mb[None, :], other=0.0)  # [BC, BT]
-    # dA[:, sub-block i] transposed: [BC, BT]
-    da_t = tl.load(dA + (rs.to(tl.int64)[None, :] * H + i_h) * BT + i * BC + rc[:, None],
-                   mask=ma[None, :] & mi[:, None], other=0.0)  # fmt: skip
-    causal = rc[:, None] >= rc[None, :]
-    da_d = tl.load(row_i + i * BC + rc[None, :], mask=mi[:, None] & causal, other=0.0)[:, :, None]  # [t, s, 1]
-    for k0 in tl.static_range(0, BK, BKS):
-        rk = k0 + tl.arange(0, BKS)
-        mk = rk < K
-        m_ik = mi[:, None] & mk[None, :]
-        off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        gi = tl.load(G + off_i, mask=m_ik, other=0.0)
-        acc_q = tl.zeros([BC, BKS], dtype=tl.float32)
-        acc_k = tl.zeros([BC, BKS], dtype=tl.float32)
-        if i > 0:
-            gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
-            ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
-            ks = ks * tl.exp(tl.where(mb[:, None], gr[None, :] - gs, float("-inf")))
-            acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gr[None, :], float("-inf")))
-        if i < NB - 1:
-            gr2 = tl.load(G + (r2.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r2 >= t0), other=0.0)
-            qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
-            qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gr2[None, :], float("-inf")))
-            acc_k = mm(da_t, qs, DTC) * tl.exp(tl.where(ri[:, None] <= r2, gr2[None, :] - gi, float("-inf")))
-        # The diagonal sub-block: e[t, s, c] = exp(G_tc - G_sc) for s <= t.
-        qd = tl.load(q + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        kd = tl.load(k + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        e = da_d * tl.exp(tl.where(causal[:, :, None], gi[:, None, :] - gi[None, :, :], float("-inf")))
-        acc_q += tl.sum(e * kd[None, :, :], axis=1)
-        acc_k += tl.sum(e * qd[:, None, :], axis=0)
-        dq_old = tl.load(dq + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        dk_old = tl.load(dk + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        tl.store(dq + off_i, (dq_old + acc_q).to(dq.dtype.element_ty), mask=m_ik)
-        tl.store(dk + off_i, (dk_old + acc_k).to(dk.dtype.element_ty), mask=m_ik)
+    off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    acc_q = tl.zeros([BC, BK], dtype=tl.float32)
+    acc_k = tl.zeros([BC, BK], dtype=tl.float32)
+    if i > 0:  # keys in earlier sub-blocks, split at r (the token before sub-block i)
+        r = t0 + i * BC - 1
+        gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
+        mb = (rb < i * BC) & ms
+        ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
+        ks = ks * tl.exp(tl.where(mb[:, None], gr[None, :] - gs, float("-inf")))
+        da_i = tl.load(dA + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                       mask=mi[:, None] & (rb[None, :] < i * BC), other=0.0)  # fmt: skip
+        acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gr[None, :], float("-inf")))
+    if i < NB - 1:  # queries in later sub-blocks, split at r2 (the last valid token of sub-block i)
+        r2 = tl.minimum(t0 + i * BC + BC, eos) - 1
+        gr2 = tl.load(G + (r2.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r2 >= t0), other=0.0)
+        ma = (rb >= (i + 1) * BC) & ms
+        qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
+        qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gr2[None, :], float("-inf")))
+        # dA[:, sub-block i] transposed: [BC, BT]
+        da_t = tl.load(dA + (rs.to(tl.int64)[None, :] * H + i_h) * BT + i * BC + rc[:, None],
+                       mask=ma[None, :] & mi[:, None], other=0.0)  # fmt: skip
+        acc_k = mm(da_t, qs, DTC) * tl.exp(tl.where(ri[:, None] <= r2, gr2[None, :] - gi, float("-inf")))
+    for j in range(BC):  # the diagonal sub-block, one key (for dq) and one query (for dk) at a time
+        s = t0 + i * BC + j
+        mj = mk & (rk * 0 + s < eos)
+        off_j = (s.to(tl.int64) * H + i_h) * K + rk
+        kj = tl.load(k + off_j, mask=mj, other=0.0).to(tl.float32)
+        qj = tl.load(q + off_j, mask=mj, other=0.0).to(tl.float32)
+        gj = tl.load(G + off_j, mask=mj, other=0.0)
+        col = tl.load(dA + (ri.to(tl.int64) * H + i_h) * BT + i * BC + j, mask=mi & (rc >= j), other=0.0)
+        m_row = (rc <= j) & (rc * 0 + s < eos)
+        row = tl.load(dA + (s.to(tl.int64) * H + i_h) * BT + i * BC + rc, mask=m_row, other=0.0)
+        acc_q += col[:, None] * kj[None, :] * tl.exp(tl.where((rc >= j)[:, None], gi - gj[None, :], float("-inf")))
+        acc_k += row[:, None] * qj[None, :] * tl.exp(tl.where(m_row[:, None], gj[None, :] - gi, float("-inf")))
+    dq_old = tl.load(dq + off_i, mask=m_ik, other=0.0).to(tl.float32)
+    dk_old = tl.load(dk + off_i, mask=m_ik, other=0.0).to(tl.float32)
+    tl.store(dq + off_i, (dq_old + acc_q).to(dq.dtype.element_ty), mask=m_ik)
+    tl.store(dk + off_i, (dk_old + acc_k).to(dk.dtype.element_ty), mask=m_ik)

@@ -210,16 +210,13 @@ def gla_intra_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DTC: tl.constexpr,
-    BKS: tl.constexpr,
 ):
     """Per-key decay: A[t, s] = sum_c q_tc k_sc exp(G_tc - G_sc) for s <= t in the chunk, else 0; float32
-    [T, H, BT]. Grid (NT * BT / BC, H): one program per query sub-block i of BC rows, walking K in slices
-    of BKS columns.
+    [T, H, BT]. Grid (NT * BT / BC, H): one program per query sub-block i of BC rows.
 
     Keys before sub-block i: the decay is split at r, the token just before it,
-    exp(G_t - G_r) exp(G_r - G_s), both exponents <= 0: one [BC, BKS] x [BKS, BT] product per slice.
-    Keys inside sub-block i: exponent differences formed directly, all BC x BC pairs at once as a
-    [BC, BC, BKS] block (no sequential loop over keys).
+    exp(G_t - G_s) = exp(G_t - G_r) exp(G_r - G_s), both exponents <= 0, one [BC, K] x [K, BT] product.
+    Keys inside sub-block i: exponent differences formed directly, one key column at a time.
     """
     NB: tl.constexpr = BT // BC
     i_x, i_h = tl.program_id(0), tl.program_id(1)
@@ -229,35 +226,34 @@ def gla_intra_kernel(
     eos = tl.load(chunk_eos + i_c)
     rc = tl.arange(0, BC)
     rb = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    mk = rk < K
     ri = t0 + i * BC + rc
     mi = ri < eos
-    r = t0 + i * BC - 1
-    rs = t0 + rb
-    ms = (rb < i * BC) & (rs < eos)
-    causal = (rc[:, None] >= rc[None, :])[:, :, None]
+    off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    qi = tl.load(q + off_i, mask=mi[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    gi = tl.load(G + off_i, mask=mi[:, None] & mk[None, :], other=0.0)
     acc = tl.zeros([BC, BT], dtype=tl.float32)
-    blk = tl.zeros([BC, BC], dtype=tl.float32)
-    for k0 in tl.static_range(0, BK, BKS):
-        rk = k0 + tl.arange(0, BKS)
-        mk = rk < K
-        off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        m_ik = mi[:, None] & mk[None, :]
-        qi = tl.load(q + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        gi = tl.load(G + off_i, mask=m_ik, other=0.0)
-        if i > 0:
-            gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
-            off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-            ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
-            gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
-            ks = ks * tl.exp(tl.where(ms[:, None], gr[None, :] - gs, float("-inf")))
-            acc += mm(qi * tl.exp(gi - gr[None, :]), tl.trans(ks), DTC)
-        kd = tl.load(k + off_i, mask=m_ik, other=0.0).to(tl.float32)
-        e = tl.exp(tl.where(causal, gi[:, None, :] - gi[None, :, :], float("-inf")))
-        blk += tl.sum(qi[:, None, :] * kd[None, :, :] * e, axis=2)
-    row = A + (ri.to(tl.int64)[:, None] * H + i_h) * BT
-    off_diag = (rb[None, :] < i * BC) | (rb[None, :] >= (i + 1) * BC)
-    tl.store(row + rb[None, :], acc, mask=mi[:, None] & off_diag)
-    tl.store(row + i * BC + rc[None, :], blk, mask=mi[:, None])
+    if i > 0:
+        r = t0 + i * BC - 1
+        gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
+        rs = t0 + rb
+        ms = (rb < i * BC) & (rs < eos)
+        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
+        ks = ks * tl.exp(tl.where(ms[:, None], gr[None, :] - gs, float("-inf")))
+        acc = mm(qi * tl.exp(gi - gr[None, :]), tl.trans(ks), DTC)
+    for j in range(BC):
+        s = t0 + i * BC + j
+        off_j = (s.to(tl.int64) * H + i_h) * K + rk
+        mj = mk & (rk * 0 + s < eos)  # vector mask: the interpreter rejects scalar ones
+        kj = tl.load(k + off_j, mask=mj, other=0.0).to(tl.float32)
+        gj = tl.load(G + off_j, mask=mj, other=0.0)
+        e = tl.exp(tl.where(rc[:, None] >= j, gi - gj[None, :], float("-inf")))
+        col = tl.sum(qi * kj[None, :] * e, axis=1)
+        acc = tl.where(rb[None, :] == i * BC + j, col[:, None], acc)
+    tl.store(A + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], acc, mask=mi[:, None])
 
 
 @triton.jit

@@ -24,7 +24,6 @@ from effarch.ops.linear.triton.layout import ChunkTable
 # stages so their shared memory fits.
 POISON = False  # tests set this: every buffer starts as NaN, so a value no kernel wrote cannot pass
 SUBBLOCK = 16  # BC: rows per sub-block of the triangular inverse and of the per-key intra-chunk scores
-KSLICE = 16  # BKS: key columns per step of the per-key intra-chunk kernels (their [BC, BC, BKS] blocks)
 _DTC = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -177,7 +176,7 @@ def chunk_forward(
     if g is not None and g.dim() == 3:
         A = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
         fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, KSLICE, num_warps=4
+            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
         )
     o = _empty_like(v)
     BV = min(_pow2(V), 64)
