@@ -533,3 +533,25 @@ def test_worker_gpus_follow_the_parents_visible_devices():
     assert visible_device(0, "2,3") == "2"
     assert visible_device(1, " 2, 3 ") == "3"
     assert visible_device(1, "GPU-aaaa,GPU-bbbb") == "GPU-bbbb"
+
+
+def test_verdict_names_no_winner_on_a_task_nobody_learned():
+    from effarch.arena.report import verdict
+    from effarch.arena.tables import Tables
+
+    solved = TaskSpec("mqar-64x4", "mqar", 64, 256, {"num_pairs": 4})
+    unlearned = TaskSpec("induction_heads-64", "induction_heads", 64, 16, {})  # chance 1/13
+    t = Tables(archs=["a", "b"], tasks=[solved, unlearned])
+    for arch, acc_solved, acc_unlearned in (("a", 0.9, 0.08), ("b", 0.5, 0.07)):
+        for task, acc in ((solved, acc_solved), (unlearned, acc_unlearned)):
+            t.sweep.setdefault(arch, {})[task.name] = {0.001: {"status": "ok", "accuracy": acc, "lr": 0.001}}
+    lines = verdict(t)
+    assert "Best on mqar-64x4: **a** (accuracy 0.900)." in lines
+    assert not any(line.startswith("Best on induction_heads-64") for line in lines)
+    assert any(
+        line.startswith("No architecture beat chance on induction_heads-64 (best 0.080, chance 0.077)")
+        for line in lines
+    )
+    # learned well above chance: a winner again
+    t.sweep["a"][unlearned.name][0.001]["accuracy"] = 0.6
+    assert "Best on induction_heads-64: **a** (accuracy 0.600)." in verdict(t)

@@ -167,3 +167,28 @@ def test_passkey_bad_arguments():
         passkey(2, 10, key_len=5)
     with pytest.raises(ValueError, match="vocab_size"):
         passkey(2, 32, vocab_size=13)
+
+
+@pytest.mark.parametrize(
+    ("kind", "make"),
+    [
+        ("mqar", lambda V: mqar(400, 16, 4, vocab_size=V, seed=3)),
+        ("selective_copying", lambda V: selective_copying(400, 32, num_tokens=4, vocab_size=V, seed=3)),
+        ("induction_heads", lambda V: induction_heads(2000, 16, vocab_size=V, seed=3)),
+        ("passkey", lambda V: passkey(400, 64, key_len=5, vocab_size=V, seed=3)),
+    ],
+)
+def test_chance_accuracy_is_one_over_the_answers_a_target_can_take(kind, make):
+    from effarch.data.tasks import chance_accuracy
+
+    V = 24
+    _, targets = make(V)
+    answers = targets[targets != IGNORE].unique()
+    assert chance_accuracy(kind, V) == pytest.approx(1.0 / answers.numel())  # every possible answer occurs
+
+
+def test_chance_accuracy_rejects_an_unknown_kind():
+    from effarch.data.tasks import chance_accuracy
+
+    with pytest.raises(ValueError, match="valid kinds"):
+        chance_accuracy("lm", 260)

@@ -13,6 +13,7 @@ from effarch.arena import literature
 from effarch.arena.plots import pareto_front, pareto_points, write_plots
 from effarch.arena.suites import Suite
 from effarch.arena.tables import Tables, collect
+from effarch.data.tasks import chance_accuracy
 from effarch.models.config import ModelConfig
 from effarch.utils import atomic_write_text
 
@@ -64,12 +65,20 @@ def _versus(values: dict[str, float], winner: str, fmt) -> str:
     return f"; {base}: {fmt(values[base])}"
 
 
+CHANCE_MARGIN = 2.0  # a best accuracy under twice the chance level names no winner
+
+
 def verdict(t: Tables) -> list[str]:
     out = []
     for task in t.tasks:
         vals = {a: (t.best(a, task) or {}).get("bpb" if task.kind == "lm" else "accuracy") for a in t.archs}
         w = _winner(vals, lower_is_better=task.kind == "lm")
-        if w:
+        if w and task.kind != "lm" and w[1] < CHANCE_MARGIN * chance_accuracy(task.kind, task.vocab_size):
+            out.append(
+                f"No architecture beat chance on {task.name} (best {w[1]:.3f}, chance "
+                f"{chance_accuracy(task.kind, task.vocab_size):.3f}): it does not rank them at this budget."
+            )
+        elif w:
             what = "bits per byte" if task.kind == "lm" else "accuracy"
             out.append(f"Best on {task.name}: **{w[0]}** ({what} {w[1]:.3f}).")
     means = {a: t.mean_accuracy(a) for a in t.archs}

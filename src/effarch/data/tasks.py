@@ -237,3 +237,20 @@ TASKS = {
 }
 
 __all__ = ["IGNORE", "TASKS", "mqar", "selective_copying", "induction_heads", "passkey"]
+
+
+# How many values a scored target of each task can take (for its chance accuracy).
+_ANSWERS = {
+    "mqar": lambda vocab: vocab - vocab // 2,  # values from the upper half
+    "selective_copying": lambda vocab: vocab - 2,  # data tokens from [2, vocab)
+    "induction_heads": lambda vocab: vocab - 3,  # answers from [3, vocab)
+    "passkey": lambda vocab: 10,  # the ten digits
+}
+
+
+def chance_accuracy(kind: str, vocab_size: int) -> float:
+    """Token accuracy of a uniform guess among the values a scored target of task `kind` can take (a model
+    that learned nothing about the context scores about this)."""
+    if kind not in _ANSWERS:
+        raise ValueError(f"task kind {kind!r} has no chance level; valid kinds are {sorted(_ANSWERS)}")
+    return 1.0 / _ANSWERS[kind](vocab_size)
