@@ -98,6 +98,15 @@ def test_arena_step_script(tmp_path):
         assert eager["last_loss"] == graphed["last_loss"]  # on the CPU the flag changes nothing
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message shown without a GPU")
+def test_arena_step_breakdown_says_it_needs_a_gpu(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "arena_step.py"), "--breakdown", "--archs", PRESETS[0], "--size", "debug"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_scan_ops_script(tmp_path):
     out = tmp_path / "scan_ops.json"
     before = _digest(RESULTS)
