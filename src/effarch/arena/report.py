@@ -73,10 +73,11 @@ def verdict(t: Tables) -> list[str]:
     for task in t.tasks:
         vals = {a: (t.best(a, task) or {}).get("bpb" if task.kind == "lm" else "accuracy") for a in t.archs}
         w = _winner(vals, lower_is_better=task.kind == "lm")
-        if w and task.kind != "lm" and w[1] < CHANCE_MARGIN * chance_accuracy(task.kind, task.vocab_size):
+        chance = None if task.kind == "lm" else chance_accuracy(task.kind, task.vocab_size)
+        if w and chance is not None and w[1] < CHANCE_MARGIN * chance:
             out.append(
-                f"No architecture beat chance on {task.name} (best {w[1]:.3f}, chance "
-                f"{chance_accuracy(task.kind, task.vocab_size):.3f}): it does not rank them at this budget."
+                f"No architecture beat chance on {task.name} (best {w[1]:.3f}, chance {chance:.3f}): "
+                "it does not rank them at this budget."
             )
         elif w:
             what = "bits per byte" if task.kind == "lm" else "accuracy"
