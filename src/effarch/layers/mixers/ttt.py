@@ -34,6 +34,7 @@ from effarch.cache import RecurrentState
 from effarch.layers.base import TokenMixer, check_divisible
 from effarch.layers.linear_mixer import flip_time
 from effarch.layers.mixers.mamba import check_state_args, state_bytes
+from effarch.ops.ttt import ttt_minibatch
 from effarch.registry import register_mixer
 
 LN_EPS = 1e-6
@@ -171,16 +172,30 @@ class TTTLinear(TokenMixer):
         return dict(W0=W, c0=c, W=W, c=c, pos=pos)
 
     def _core(self, inputs: list[torch.Tensor], state: dict | None):
-        """Mini-batch TTT over q, k, v [B,T,H,K] and eta [B,T,H] (compute dtype); returns z [B,T,H,K], state."""
+        """Mini-batch TTT over q, k, v [B,T,H,K] and eta [B,T,H] (compute dtype); returns z [B,T,H,K], state.
+        Without gradients on CUDA the loop runs as one Triton kernel (`effarch.ops.ttt`), else in PyTorch."""
         q, k, v, eta = inputs
         st = dict(self.initial_state(q.shape[0], q.dtype) if state is None else state)
-        W0, c0, W, c = st["W0"], st["c0"], st["W"], st["c"]
         gamma, beta = self.ttt_norm_weight.to(q.dtype), self.ttt_norm_bias.to(q.dtype)
         target = v - k  # the inner model reconstructs v - k from k (the residual form)
+        pos_t = (st["pos"] + q.shape[1]) % self.mini_batch_size
+        if q.shape[1] == 0:
+            return q, dict(W0=st["W0"], c0=st["c0"], W=st["W"], c=st["c"], pos=pos_t)
+        fresh = state is None
+        Zq, new = ttt_minibatch(
+            q, k, target, eta, gamma, beta, st, self.mini_batch_size,
+            reference=lambda: self._loop(q, k, target, eta, gamma, beta, st, fresh),
+        )  # fmt: skip
+        out = q + F.layer_norm(Zq, (Zq.shape[-1],), None, None, LN_EPS) * gamma + beta
+        return out, dict(**new, pos=pos_t)
+
+    def _loop(self, q, k, target, eta, gamma, beta, st: dict, fresh: bool) -> tuple[torch.Tensor, dict]:
+        """The mini-batch loop in PyTorch (differentiable): read-outs before the output norm, new weights."""
+        W0, c0, W, c = st["W0"], st["c0"], st["W"], st["c"]
         zqs = []
-        # Only the weight updates are sequential: the target above and the read-out's normalisation below run
-        # once over all mini-batches, so each loop step launches fewer kernels.
-        for s, e, completes in segments_of(None if state is None else st["pos"], q.shape[1], self.mini_batch_size):
+        # Only the weight updates are sequential: the target and the read-out's normalisation run once over all
+        # mini-batches (in `_core`), so each loop step launches fewer kernels.
+        for s, e, completes in segments_of(None if fresh else st["pos"], q.shape[1], self.mini_batch_size):
             X, Q, lr = k[:, s:e], q[:, s:e], eta[:, s:e]
             Z = torch.einsum("blhk,bhkj->blhj", X, W0) + c0[:, None]
             gZ = layer_norm_and_grad(Z, target[:, s:e], gamma, beta)  # [B, L, H, K]
@@ -190,12 +205,7 @@ class TTTLinear(TokenMixer):
             W = W - torch.einsum("bsh,bshk,bshj->bhkj", lr, X, gZ)
             c = c - torch.einsum("bsh,bshj->bhj", lr, gZ)
             W0, c0 = keep_where(completes, W, W0), keep_where(completes, c, c0)
-        pos_t = (st["pos"] + q.shape[1]) % self.mini_batch_size
-        if not zqs:
-            return q, dict(W0=W0, c0=c0, W=W, c=c, pos=pos_t)
-        Zq = torch.cat(zqs, 1)
-        out = q + F.layer_norm(Zq, (Zq.shape[-1],), None, None, LN_EPS) * gamma + beta
-        return out, dict(W0=W0, c0=c0, W=W, c=c, pos=pos_t)
+        return torch.cat(zqs, 1), dict(W0=W0, c0=c0, W=W, c=c)
 
     def forward(self, x: torch.Tensor, state: RecurrentState | None = None, *, cu_seqlens: torch.Tensor | None = None):
         check_state_args(self.causal, state, cu_seqlens)

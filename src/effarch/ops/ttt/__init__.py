@@ -1,0 +1,54 @@
+"""TTT-Linear's sequential mini-batch loop as one Triton kernel, for inference (no autograd).
+
+The PyTorch form in `effarch.layers.mixers.ttt` is the reference: it launches a dozen kernels per mini-batch
+and layer, so prefill at 16K tokens spends seconds on launches. Here one program per (sequence, head) walks
+the mini-batches with the fast weights in registers; gradients are not supported (training keeps the PyTorch
+form, whose steps autograd differentiates).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from effarch.ops.kernel_fallback import KernelFallback, import_once
+
+_fallback = KernelFallback("ttt_linear_minibatch", "the PyTorch loop")
+
+# The kernel passes the interpreter tests; until its CUDA tests have run on a GPU, layers use it only with
+# EFFARCH_TTT_TRITON=1 (`ttt_minibatch_triton` runs it directly).
+AUTO_TRITON = os.environ.get("EFFARCH_TTT_TRITON", "0") == "1"
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def _load() -> tuple[Callable, Callable] | ImportError:
+    return import_once(globals(), "effarch.ops.ttt.kernels", ("ttt_minibatch_triton", "triton_supports"))
+
+
+def ttt_minibatch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    eta: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    state: dict,
+    size: int,
+    reference: Callable[[], tuple[torch.Tensor, dict]],
+) -> tuple[torch.Tensor, dict]:
+    """The read-outs z [B,T,H,K] (before the output LayerNorm) and the new state {W0, c0, W, c} of the
+    mini-batch loop: from the kernel for CUDA tensors it supports (see `kernels.triton_supports`) when enabled
+    (AUTO_TRITON), else from
+    `reference()` (also when the kernel fails to build: reported once per shape)."""
+    if not (AUTO_TRITON and _on_gpu(q)):
+        return reference()
+    loaded = _load()
+    if isinstance(loaded, ImportError) or not loaded[1](q, gamma, state, size):
+        return reference()
+    key = (tuple(q.shape[2:]), size, q.device.type)
+    return _fallback.run(key, lambda: loaded[0](q, k, target, eta, gamma, beta, state, size), reference)
