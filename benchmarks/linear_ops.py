@@ -41,6 +41,7 @@ CASES = {  # name: (rule, decay kind, fla op name)
     "delta rule (DeltaNet)": ("delta", None, "chunk_delta_rule"),
     "gated delta (GDN)": ("delta", "scalar", "chunk_gated_delta_rule"),
 }
+SHORT = dict(zip(("linear", "fixed", "scalar", "gla", "delta", "gdn"), CASES))  # --ops names
 
 
 def make(rule, decay, B, T, dtype=torch.bfloat16, seed=0, h0=False):
@@ -355,6 +356,8 @@ def table(results, check_rows) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-only", action="store_true")
+    ap.add_argument("--ops", default=None, help=f"comma list of the rules to run (default all): {', '.join(SHORT)}")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decoding-step rows")
     ap.add_argument("--quick-check", action="store_true", help="check dense batches with default products only")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of each case at T = 8192")
     ap.add_argument("--peers", default="fla,sdpa,flex", help="comma list of peers to measure: fla, sdpa, flex")
@@ -378,6 +381,13 @@ def main() -> None:
         help="products of the delta rule's reverse state pass (default: the library's choice)",
     )
     args = ap.parse_args()
+    if args.ops is not None:
+        chosen = [o.strip() for o in args.ops.split(",") if o.strip()]
+        unknown = [o for o in chosen if o not in SHORT]
+        if unknown or not chosen:
+            ap.error(f"--ops {args.ops!r}: valid names are {', '.join(SHORT)} (comma-separated)")
+        for name in [n for short, n in SHORT.items() if short not in chosen]:
+            del CASES[name]
     from effarch.ops.linear.triton import backward
 
     if args.decay_grad_dots is not None:
@@ -408,7 +418,8 @@ def main() -> None:
     results: list[dict] = []
     if not args.check_only:
         speed([int(t) for t in args.T.split(",")], with_fla, peers, results, deadline)
-        decode(with_fla, results)
+        if not args.no_decode:
+            decode(with_fla, results)
     text = table(results, check_rows)
     print(text)
     if args.json:
