@@ -148,6 +148,20 @@ def test_dense_batch_other_chunk_sizes(case, chunk, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["scalar", "per_key", "gated_delta"])
+def test_wide_heads_split_into_key_and_value_blocks(case):
+    """K = 128 at one sequence and head: the state passes of the additive rule with decay cut the state into
+    blocks of 32 keys and 16 values, and its dq / dk run in two blocks of 64 keys (float32 inputs here; on the
+    GPU with bf16 inputs these splits are taken where the products are tf32), as for one long sequence."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 1, 70, 1, 128, 32, seed=22)
+    assert launch.state_blocks(128, 32, 1, split=rule != "delta") == ((128, 32) if rule == "delta" else (32, 16))
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, 1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_per_key_decay_at_a_key_width_that_is_not_a_power_of_two(chunk, monkeypatch):
     """K = 40, V = 24 (blocks of 64 and 32, partly masked): packed sequences, a partial chunk, every gradient."""

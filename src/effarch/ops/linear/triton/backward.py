@@ -15,7 +15,7 @@ import torch
 import triton
 
 from effarch.ops.linear.triton import bwd_kernels, fwd_kernels
-from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind
+from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind, state_blocks
 from effarch.ops.linear.triton.layout import ChunkTable
 
 # 16-bit inputs: products of the delta rule's reverse state pass, and of the backward kernels when the
@@ -66,17 +66,15 @@ def _eos_of_tokens(table: ChunkTable, T: int) -> torch.Tensor:
     return table.cu.long()[1:][_seq_of_tokens(table, T)]
 
 
-def additive_decay_grad(q, k, dq, dk, hT, dhT, per_key: bool, table: ChunkTable, dense_len: int) -> torch.Tensor:
-    """dg [T, H] or [T, H, K] float32 by the identity in the module docstring."""
-    x = q.float() * dq.float() - k.float() * dk.float()
-    if not per_key:
-        x = x.sum(-1)
+def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len: int) -> torch.Tensor:
+    """dg [T, H] or [T, H, K] float32 by the identity in the module docstring, from x = q dq - k dk per token
+    ([T, H, K], or summed over K for scalar decay: [T, H])."""
     dg = _suffix_sums(x, table, dense_len)
     if dhT is not None:
         end = (hT * dhT).sum(-1)  # [N, H, K]
         if not per_key:
             end = end.sum(-1)
-        dg = dg + end[_seq_of_tokens(table, q.shape[0])]
+        dg = dg + end[_seq_of_tokens(table, x.shape[0])]
     return dg
 
 
@@ -89,6 +87,7 @@ def chunk_backward(
     g: torch.Tensor | None,
     beta: torch.Tensor | None,
     h0: torch.Tensor | None,
+    saved: torch.Tensor | None,
     table: ChunkTable,
     chunk: int,
     scale: float,
@@ -97,60 +96,90 @@ def chunk_backward(
     delta: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0) for packed inputs (shapes as in launch.py): dq, dk, dv in the inputs'
-    dtype, dg float32, dbeta in beta's dtype, dh0 float32 [N, H, K, V]."""
+    dtype, dg float32, dbeta in beta's dtype, dh0 float32 [N, H, K, V]. `saved`: the forward's delta-rule
+    inverses or per-key intra-chunk scores (recomputed when None)."""
     T, H, K = q.shape
     V = v.shape[-1]
     gk = gkind(g)
     BK, dtc, NT, N = _pow2(K), dot_code(q.dtype), table.n_chunks, table.n_seqs
     dev = q.device
+    dummy = q
     additive_decay = g is not None and not delta
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and dhT is not None,
-                       state_dtype=state_dtype)  # fmt: skip
-    A = None
-    if gk == 2:
+                       state_dtype=state_dtype, X=saved if delta else None)  # fmt: skip
+    A = saved if gk == 2 else None
+    if gk == 2 and A is None:
         A = _empty(T, H, chunk, dtype=torch.float32, device=dev)
         fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
             q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
         )
-    # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
-    dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
-    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
-    dU = _empty(T, H, V, dtype=torch.float32, device=dev) if delta else None
-    BVs = min(_pow2(V), 32)
     half = q.dtype != torch.float32
     state_dtc = (
         4 if (half and (delta and STATE_BWD_DOTS == "tf32" or additive_decay and DECAY_GRAD_DOTS == "tf32")) else dtc
     )
     local_dtc = 4 if (half and additive_decay and DECAY_GRAD_DOTS == "tf32") else dtc
-    bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), N * H)](
+
+    def dv_local(out, dh, add_state, dots):
+        BVl, warps = min(_pow2(V), 64), 4
+        bwd_kernels.dv_local_kernel[(triton.cdiv(V, BVl), NT, H)](
+            q, k, dummy if p.G is None else p.G, dummy if A is None else A, dummy if dh is None else dh, do, out,
+            table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots, num_warps=warps,
+        )  # fmt: skip
+
+    # Delta rule: the chunk-local part of dU first; the reverse state pass adds (K e^R) dS to it in place.
+    dU = None
+    if delta:
+        dU = _empty(T, H, V, dtype=torch.float32, device=dev)
+        dv_local(dU, None, False, state_dtc)
+    # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
+    dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
+    dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
+    BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
+    bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
-        q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BK, BVs, gk, delta,
+        q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
         dhT is not None, True, state_dtc, num_warps=8, num_stages=2,
     )  # fmt: skip
-    # Chunk-local gradients; dq and dk in float32 when the decay identity still needs them.
-    grad_dtype = torch.float32 if additive_decay else q.dtype
-    dq = _empty(T, H, K, dtype=grad_dtype, device=dev)
-    dk = _empty(T, H, K, dtype=grad_dtype, device=dev)
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)
-    dbeta = _empty(T, H, dtype=torch.float32, device=dev) if delta else None
-    dg = _empty(T, H, dtype=torch.float32, device=dev) if delta and gk == 1 else None
-    dA = _empty(T, H, chunk, dtype=torch.float32, device=dev) if gk == 2 else None
-    dummy = q
-    bwd_kernels.chunk_bwd_kernel[(NT, H)](
-        q, k, v, dummy if p.G is None else p.G, dummy if beta is None else beta, dummy if p.X is None else p.X,
-        dummy if p.vnew is None else p.vnew, dummy if dU is None else dU, p.h, dh, do, dummy if A is None else A,
-        dq, dk, dv, dummy if dbeta is None else dbeta, dummy if dg is None else dg, dummy if dA is None else dA,
-        table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 32), gk, delta,
+    if not delta:
+        dv_local(dv, dh, True, local_dtc)
+    # dq and dk (float32 where more terms are added to them later), dW for the delta rule
+    f32 = lambda *shape: _empty(*shape, dtype=torch.float32, device=dev)  # noqa: E731
+    dq = f32(T, H, K) if gk == 2 else _empty(T, H, K, dtype=q.dtype, device=dev)
+    dk = f32(T, H, K) if gk == 2 or delta else _empty(T, H, K, dtype=k.dtype, device=dev)
+    dw = f32(T, H, K) if delta else None
+    # Key columns per program: with blocks of 64 the [C, BK] float32 accumulators stay in registers. Not with
+    # native 16-bit products (DTC 1, 2): there the split gave wrong dk for the delta rule on an H200 with Triton 3.6.
+    BKq = BK if local_dtc in (1, 2) else min(BK, 64)
+    NKq = triton.cdiv(K, BKq)
+    dgx = f32(NKq, T, H) if gk == 1 else None
+    dA = f32(T, H, chunk) if gk == 2 else None
+    bwd_kernels.dqk_kernel[(NT, H, NKq)](
+        q, k, v if p.vnew is None else p.vnew, dummy if p.G is None else p.G, p.h, dh, do, dummy if dU is None else dU,
+        dq, dk, dummy if dw is None else dw, dummy if dgx is None else dgx, dummy if dA is None else dA,
+        table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), 32), gk, delta,
         local_dtc, num_warps=8, num_stages=1,
     )  # fmt: skip
+    if dgx is not None:
+        dgx = dgx.sum(0) if NKq > 1 else dgx[0]
+    dg = dbeta = None
+    if delta:
+        dbeta = _empty(T, H, dtype=torch.float32, device=dev)
+        dg = f32(T, H) if gk == 1 else None
+        dk_part, dk = dk, _empty(T, H, K, dtype=k.dtype, device=dev)
+        bwd_kernels.wy_bwd_kernel[(NT, H)](
+            k, v, dummy if p.G is None else p.G, beta, p.X, dU, dk_part, dw, dummy if dgx is None else dgx, dk, dv,
+            dbeta, dummy if dg is None else dg, table.chunk_tok, table.chunk_eos, H, K, V, chunk, SUBBLOCK, BK,
+            min(_pow2(V), 32), gk, dtc, num_warps=8, num_stages=1,
+        )  # fmt: skip
+        dbeta = dbeta.to(beta.dtype)
     if gk == 2:
         bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
             q, k, p.G, dA, dq, dk, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, local_dtc, num_warps=8
         )
     if additive_decay:
-        dg = additive_decay_grad(q, k, dq, dk, p.hT, dhT, gk == 2, table, dense_len)
+        x = dgx if gk == 1 else q.float() * dq - k.float() * dk
+        dg = additive_decay_grad(x, p.hT, dhT, gk == 2, table, dense_len)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
-    if dbeta is not None:
-        dbeta = dbeta.to(beta.dtype)
     return dq, dk, dv, dg, dbeta, dh0

@@ -6,8 +6,11 @@ fwd_kernels.py for the forward terms), the gradient with respect to the state en
   delta     dU = scale ((Q K^T) * Gamma * M)^T dO + (K e^R) dS,
             dS_0 = e^{G_C} dS + scale (Q e^G)^T dO - W^T dU
 (e^{G_C} is a [K] vector for per-key decay). The pass runs backwards through each sequence's chunks and
-stores dS for every chunk; everything else in the backward is chunk-local (`chunk_bwd_kernel`, and for
-per-key decay `gla_intra_bwd_kernel`). Shape legend as fwd_kernels.py.
+stores dS for every chunk; everything else in the backward is chunk-local: `dv_local_kernel` (dv, or the
+delta rule's chunk-local dU before the pass), `dqk_kernel` (dq, dk, and dW for the delta rule),
+`wy_bwd_kernel` (the delta rule's WY transform) and for per-key decay `gla_intra_bwd_kernel`. The work is
+split so that no kernel holds more than a few [BT, K] float32 tiles (one kernel doing it all spilled
+kilobytes of registers per thread). Shape legend as fwd_kernels.py.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ def state_bwd_kernel(
 ):
     """dhbuf[c] = gradient w.r.t. the state leaving chunk c ([NT, H, K, V] float32); dh0 = gradient w.r.t.
     the initial state; delta rule: dU [T, H, V] float32 (gradient w.r.t. the pseudo-values). Grid
-    (cdiv(V, BV), N * H)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    (cdiv(V, BV), cdiv(K, BK), N * H)."""
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu + i_n)
@@ -55,7 +58,7 @@ def state_bwd_kernel(
     c0 = tl.load(seq_chunk + i_n)
     c1 = tl.load(seq_chunk + i_n + 1)
     rb = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk = rk < K
     mv = rv < V
@@ -93,15 +96,12 @@ def state_bwd_kernel(
             decay_last = 1.0
         if DELTA:
             kk = tl.load(k + off_tk, mask=m_tk, other=0.0).to(tl.float32)
-            causal = rb[:, None] >= rb[None, :]
-            p = mm(qq, tl.trans(kk), DTC)
             if GKIND == 1:
-                p = p * tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
                 kd = kk * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
             else:
                 kd = kk
-            p = tl.where(causal, p, 0.0)
-            du = scale * mm(tl.trans(p), dd, DTC) + mm(kd, dS, DTC)
+            # dU holds the chunk-local part scale P^T dO (`dv_local_kernel`); the state's part is added in place
+            du = tl.load(dU + off_tv, mask=m_tv, other=0.0) + mm(kd, dS, DTC)
             tl.store(dU + off_tv, du, mask=m_tv)
             # W^T loaded as [K, BT] directly rather than transposed in registers
             wT = tl.load(
@@ -115,28 +115,235 @@ def state_bwd_kernel(
 
 
 @triton.jit
-def chunk_bwd_kernel(
+def dv_local_kernel(
     q,
+    k,
+    G,
+    A,
+    dhbuf,
+    do,
+    out,
+    chunk_tok,
+    chunk_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    GKIND: tl.constexpr,
+    ADD_STATE: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """out = scale (Q K^T * Gamma * M)^T dO for one chunk, head and BV columns, plus (K e^R) dS with
+    ADD_STATE (dS = dhbuf[c], the gradient w.r.t. the state leaving the chunk): the additive rule's dv, or the
+    delta rule's chunk-local part of dU before the reverse state pass adds the rest. Per-key decay reads the
+    intra-chunk scores from A. Grid (cdiv(V, BV), NT, H)."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rb = tl.arange(0, BT)
+    rt = t0 + rb
+    mt = rt < eos
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    m_tk = mt[:, None] & mk[None, :]
+    m_tv = mt[:, None] & mv[None, :]
+    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+    # transposed scores pT[s, t] (key s, query t), nonzero for t >= s
+    causal_t = (rb[:, None] <= rb[None, :]) & mt[None, :]
+    kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+    t_last = tl.minimum(t0 + BT, eos) - 1
+    if GKIND == 2:
+        pT = tl.load(A + (rt.to(tl.int64)[None, :] * H + i_h) * BT + rb[:, None], mask=causal_t, other=0.0)
+    else:
+        qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
+        pT = mm(kk, tl.trans(qq), DTC)
+        if GKIND == 1:
+            gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+            pT = pT * tl.exp(tl.where(causal_t, gt[None, :] - gt[:, None], float("-inf")))
+        pT = tl.where(causal_t, pT, 0.0)
+    dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
+    acc = scale * mm(pT, dd, DTC)
+    if ADD_STATE:
+        ds = tl.load(
+            dhbuf + (i_c * H + i_h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :],
+            mask=mk[:, None] & mv[None, :],
+            other=0.0,
+        )
+        if GKIND == 1:
+            gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)
+            kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+        elif GKIND == 2:
+            gk = tl.load(G + off_tk, mask=m_tk, other=0.0)
+            gl = tl.sum(tl.where((rt == t_last)[:, None], gk, 0.0), axis=0)
+            kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gk, float("-inf")))
+        else:
+            kd = kk
+        acc += mm(kd, ds, DTC)
+    tl.store(out + off_tv, acc.to(out.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def dqk_kernel(
+    q,
+    k,
+    u,
+    G,
+    hbuf,
+    dhbuf,
+    do,
+    dU,
+    dq,
+    dk,
+    dw,
+    dgx,
+    dA,
+    chunk_tok,
+    chunk_eos,
+    scale,
+    n_tok,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BKF: tl.constexpr,
+    BV: tl.constexpr,
+    GKIND: tl.constexpr,
+    DELTA: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """dq and dk of one chunk and head, given S_0 = hbuf[c] entering it and dS = dhbuf[c] leaving it; u is V
+        (additive) or the pseudo-values U (delta). Grid (NT, H, cdiv(K, BK)): BK columns of dq and dk per program
+    (BKF >= K). With P = scale (Q K^T * Gamma * M), dP = dO U^T:
+          dq = scale e^G (dO S_0^T) + (dP * scale Gamma M) K,   dk = e^R (U dS^T) + (dP * scale Gamma M)^T Q.
+        Per-key decay stores only the inter-chunk terms (float32) and dA = scale dP, for `gla_intra_bwd_kernel`.
+        Scalar decay, additive rule: dgx = sum_K (q dq - k dk) per token (float32), for the decay-gradient identity.
+        Delta rule: dk float32 (the WY backward adds to it), dw = -dU S_0^T, and with scalar decay dgx = the
+        gradient w.r.t. the chunk-local cumsum G from the terms here (the WY backward adds its own and sums).
+        dgx is [cdiv(K, BK), n_tok, H]: each program writes its key block's share, summed afterwards."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rb = tl.arange(0, BT)
+    rt = t0 + rb
+    mt = rt < eos
+    rk = i_k * BK + tl.arange(0, BK)
+    mk = rk < K
+    m_tk = mt[:, None] & mk[None, :]
+    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    off_gx = (i_k * n_tok + rt.to(tl.int64)) * H + i_h
+    causal = (rb[:, None] >= rb[None, :]) & mt[:, None]
+    t_last = tl.minimum(t0 + BT, eos) - 1
+    dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    dp = tl.zeros([BT, BT], dtype=tl.float32)
+    if DELTA:
+        dw_acc = tl.zeros([BT, BK], dtype=tl.float32)
+    if DELTA and GKIND == 1:
+        ds_s0 = tl.zeros([BV], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        rv = i_v * BV + tl.arange(0, BV)
+        mv = rv < V
+        m_tv = mt[:, None] & mv[None, :]
+        off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+        # S_0^T and dS^T loaded as [BV, K]
+        off_vk = (i_c * H + i_h).to(tl.int64) * K * V + rk[None, :] * V + rv[:, None]
+        m_vk = mv[:, None] & mk[None, :]
+        s0T = tl.load(hbuf + off_vk, mask=m_vk, other=0.0)
+        dsT = tl.load(dhbuf + off_vk, mask=m_vk, other=0.0)
+        dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
+        uu = tl.load(u + off_tv, mask=m_tv, other=0.0)
+        dq_acc += mm(dd, s0T, DTC)
+        dk_acc += mm(uu, dsT, DTC)
+        dp += mm(dd, tl.trans(uu), DTC)
+        if DELTA:
+            du = tl.load(dU + off_tv, mask=m_tv, other=0.0)
+            dw_acc -= mm(du, s0T, DTC)
+            if GKIND == 1:
+                ds_s0 += tl.sum(s0T.to(tl.float32) * dsT, axis=1)
+    # decay factors: eq = e^G (for Q), ek = e^{G_C - G} (for K), gam = Gamma
+    if GKIND == 1:
+        gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+        gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)
+        eq = tl.exp(gt)[:, None]
+        ek = tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+    elif GKIND == 2:
+        gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
+        gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+        eq = tl.exp(gt)
+        ek = tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
+    else:
+        eq = 1.0
+        ek = 1.0
+    dq_in = dq_acc * (scale * eq)
+    dk_st = dk_acc * ek
+    dp = tl.where(causal, dp, 0.0)
+    if GKIND == 2:
+        tl.store(dq + off_tk, dq_in.to(dq.dtype.element_ty), mask=m_tk)
+        tl.store(dk + off_tk, dk_st.to(dk.dtype.element_ty), mask=m_tk)
+        if i_k == 0:
+            tl.store(dA + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], dp * scale, mask=mt[:, None])
+    else:
+        qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
+        kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+        dsc = dp * scale
+        if GKIND == 1:
+            gam = tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
+            dsc = dsc * gam
+        dqq = dq_in + mm(dsc, kk, DTC)
+        dkk = dk_st + mm(tl.trans(dsc), qq, DTC)
+        if GKIND == 1:
+            qf = qq.to(tl.float32)
+            kf = kk.to(tl.float32)
+            if DELTA:
+                # gradient w.r.t. G from the score decay in P, e^G in the inter-chunk output, e^{G_C - G} in the
+                # state update and the decayed state itself (at the chunk's last token)
+                dG = tl.sum(dq_in * qf, axis=1)
+                if i_k == 0:  # the score decay needs the scores, over all keys
+                    rkf = tl.arange(0, BKF)
+                    off_f = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkf[None, :]
+                    m_f = mt[:, None] & (rkf < K)[None, :]
+                    qa = tl.load(q + off_f, mask=m_f, other=0.0)
+                    ka = tl.load(k + off_f, mask=m_f, other=0.0)
+                    p = tl.where(causal, mm(qa, tl.trans(ka), DTC) * gam, 0.0) * scale
+                    d1 = dp * p
+                    dG += tl.sum(d1, axis=1) - tl.sum(d1, axis=0)
+                dkst_k = tl.sum(dk_st * kf, axis=1)
+                dG -= dkst_k
+                dGl = tl.sum(dkst_k, axis=0) + tl.exp(gl) * tl.sum(ds_s0, axis=0)
+                dG += tl.where(rt == t_last, dGl, 0.0)
+                tl.store(dgx + off_gx, tl.where(mt, dG, 0.0), mask=mt)
+            else:
+                tl.store(dgx + off_gx, tl.sum(qf * dqq - kf * dkk, axis=1), mask=mt)
+        tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
+        tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
+    if DELTA:
+        tl.store(dw + off_tk, dw_acc, mask=m_tk)
+
+
+@triton.jit
+def wy_bwd_kernel(
     k,
     v,
     G,
     beta,
     X,
-    vnew,
     dU,
-    hbuf,
-    dhbuf,
-    do,
-    A,
-    dq,
+    dk_part,
+    dw,
+    dgx,
     dk,
     dv,
     dbeta,
     dg,
-    dA,
     chunk_tok,
     chunk_eos,
-    scale,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
@@ -145,20 +352,13 @@ def chunk_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     GKIND: tl.constexpr,
-    DELTA: tl.constexpr,
     DTC: tl.constexpr,
 ):
-    """Chunk-local gradients, given S_0 = hbuf[c] entering the chunk and dS = dhbuf[c] leaving it. Grid (NT, H).
-
-    With P = scale (Q K^T * Gamma * M) and U = V (additive) or the pseudo-values (delta):
-      dq = scale e^G (dO S_0^T) + (dP * scale Gamma M) K,    dP = dO U^T
-      dk = e^R (U dS^T) + (dP * scale Gamma M)^T Q,          dv = (K e^R) dS + P^T dO      (additive)
-    Delta rule, from U = X diag(b) V - X diag(b e^G) K S_0 and A = strictly-lower(diag(b) (K K^T * Gamma)):
-      dW = -dU S_0^T, dX = dW (diag(b e^G) K)^T + dU (diag(b) V)^T, dA = -X^T dX X^T,
-      dv = b X^T dU, dk += b e^G X^T dW + (dA b Gamma) K + (dA b Gamma)^T K, dbeta and dg (chunk-local
-      reverse cumsum of the gradient w.r.t. G) likewise. Per-key decay leaves the intra-chunk terms of dq
-      and dk to `gla_intra_bwd_kernel` and stores dA = scale dP instead.
-    """
+    """Delta rule: the backward of the WY/UT transform of one chunk and head. From U~ = X diag(b) V,
+    W = X diag(b e^G) K, (I + A) X = I, A = strictly-lower(diag(b) (K K^T * Gamma)) and dW, dU:
+      dX = dW (diag(b e^G) K)^T + dU (diag(b) V)^T,  dA = -X^T dX X^T,  dv = b X^T dU,
+      dk = dk_part + b e^G X^T dW + (dA b Gamma) K + (dA b Gamma)^T K,  dbeta likewise;
+    scalar decay: dg = the chunk-local reverse cumsum of dgx plus the terms here. Grid (NT, H)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_tok + i_c)
     eos = tl.load(chunk_eos + i_c)
@@ -169,130 +369,61 @@ def chunk_bwd_kernel(
     mk = rk < K
     m_tk = mt[:, None] & mk[None, :]
     off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-    qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
-    kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
-    causal = (rb[:, None] >= rb[None, :]) & mt[:, None]
-    t_last = tl.minimum(t0 + BT, eos) - 1
-    # decay factors: eq = e^G (for Q), ek = e^{G_C - G} (for K), gam = Gamma
-    if GKIND == 1:
-        gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-        gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)
-        eq = tl.exp(gt)[:, None]
-        ek = tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
-        gam = tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
-    elif GKIND == 2:
-        gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-        gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
-        eq = tl.exp(gt)
-        ek = tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
-    else:
-        eq = 1.0
-        ek = 1.0
-    if GKIND == 2:
-        p = scale * tl.load(A + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], mask=causal, other=0.0)
-    else:
-        p = mm(qq, tl.trans(kk), DTC) * scale
-        if GKIND == 1:
-            p = p * gam
-        p = tl.where(causal, p, 0.0)
-    kd = kk.to(tl.float32) * ek
-    dq_acc = tl.zeros([BT, BK], dtype=tl.float32)
-    dk_acc = tl.zeros([BT, BK], dtype=tl.float32)
-    dp = tl.zeros([BT, BT], dtype=tl.float32)
-    if DELTA:
-        bt = tl.load(beta + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0).to(tl.float32)
-        # X^T [BT, BT] loaded transposed: xT[s, t] = X[t, s], zero above the block diagonal of X
-        xT = tl.load(X + (rt.to(tl.int64)[None, :] * H + i_h) * BT + rb[:, None],
-                     mask=mt[None, :] & (rb[:, None] // BC <= rb[None, :] // BC), other=0.0)  # fmt: skip
-        dw = tl.zeros([BT, BK], dtype=tl.float32)
-        dxu = tl.zeros([BT, BT], dtype=tl.float32)
-        dbeta_acc = tl.zeros([BT], dtype=tl.float32)
-        ds_s0 = tl.zeros([BV], dtype=tl.float32)
+    bt = tl.load(beta + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0).to(tl.float32)
+    # X^T [BT, BT] loaded transposed: xT[s, t] = X[t, s], zero above the block diagonal of X
+    xT = tl.load(X + (rt.to(tl.int64)[None, :] * H + i_h) * BT + rb[:, None],
+                 mask=mt[None, :] & (rb[:, None] // BC <= rb[None, :] // BC), other=0.0)  # fmt: skip
+    dxu = tl.zeros([BT, BT], dtype=tl.float32)
+    dbeta_acc = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(0, tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
         m_tv = mt[:, None] & mv[None, :]
         off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
-        off_kv = (i_c * H + i_h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :]
-        # S_0^T and dS^T loaded as [BV, K]
-        off_vk = (i_c * H + i_h).to(tl.int64) * K * V + rk[None, :] * V + rv[:, None]
-        m_vk = mv[:, None] & mk[None, :]
-        s0T = tl.load(hbuf + off_vk, mask=m_vk, other=0.0)
-        dsT = tl.load(dhbuf + off_vk, mask=m_vk, other=0.0)
-        dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
-        if DELTA:
-            uu = tl.load(vnew + off_tv, mask=m_tv, other=0.0)
-        else:
-            uu = tl.load(v + off_tv, mask=m_tv, other=0.0)
-        dq_acc += mm(dd, s0T, DTC)
-        dk_acc += mm(uu, dsT, DTC)
-        dp += mm(dd, tl.trans(uu), DTC)
-        if DELTA:
-            du = tl.load(dU + off_tv, mask=m_tv, other=0.0)
-            vv = tl.load(v + off_tv, mask=m_tv, other=0.0).to(tl.float32)
-            dw -= mm(du, s0T, DTC)
-            dxu += mm(du, tl.trans(vv * bt[:, None]), DTC)
-            dru = mm(xT, du, DTC)  # X^T dU
-            tl.store(dv + off_tv, (dru * bt[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-            dbeta_acc += tl.sum(dru * vv, axis=1)
-            if GKIND == 1:
-                s0 = tl.load(hbuf + off_kv, mask=mk[:, None] & mv[None, :], other=0.0).to(tl.float32)
-                ds = tl.load(dhbuf + off_kv, mask=mk[:, None] & mv[None, :], other=0.0)
-                ds_s0 += tl.sum(s0 * ds, axis=0)
-        else:
-            ds = tl.load(dhbuf + off_kv, mask=mk[:, None] & mv[None, :], other=0.0)
-            dvv = mm(kd, ds, DTC) + mm(tl.trans(p), dd, DTC)
-            tl.store(dv + off_tv, dvv.to(dv.dtype.element_ty), mask=m_tv)
-    dq_in = dq_acc * (scale * eq)
-    dk_st = dk_acc * ek
-    dp = tl.where(causal, dp, 0.0)
-    if GKIND == 2:
-        tl.store(dq + off_tk, dq_in.to(dq.dtype.element_ty), mask=m_tk)
-        tl.store(dk + off_tk, dk_st.to(dk.dtype.element_ty), mask=m_tk)
-        tl.store(dA + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], dp * scale, mask=mt[:, None])
+        du = tl.load(dU + off_tv, mask=m_tv, other=0.0)
+        vv = tl.load(v + off_tv, mask=m_tv, other=0.0).to(tl.float32)
+        dxu += mm(du, tl.trans(vv * bt[:, None]), DTC)
+        dru = mm(xT, du, DTC)  # X^T dU
+        tl.store(dv + off_tv, (dru * bt[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+        dbeta_acc += tl.sum(dru * vv, axis=1)
+    causal = (rb[:, None] >= rb[None, :]) & mt[:, None]
+    strict = (rb[:, None] > rb[None, :]) & mt[:, None]
+    kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+    kf = kk.to(tl.float32)
+    if GKIND == 1:
+        gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+        eq = tl.exp(gt)[:, None]
+        gam = tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
     else:
-        dsc = dp * scale
-        if GKIND == 1:
-            dsc = dsc * gam
-        dqq = dq_in + mm(dsc, kk, DTC)
-        dkk = dk_st + mm(tl.trans(dsc), qq, DTC)
-        if DELTA:
-            kf = kk.to(tl.float32)
-            kg = kf * eq  # e^G K
-            rw = kg * bt[:, None]  # diag(b e^G) K
-            dx = mm(dw, tl.trans(rw), DTC) + dxu
-            drw = mm(xT, dw, DTC)  # X^T dW
-            dkk += drw * eq * bt[:, None]
-            dbeta_acc += tl.sum(drw * kg, axis=1)
-            strict = (rb[:, None] > rb[None, :]) & mt[:, None]
-            da = -mm(xT, mm(dx, xT, DTC), DTC)  # -X^T dX X^T
-            da = tl.where(strict, da, 0.0)
-            kkt = mm(kk, tl.trans(kk), DTC)
-            if GKIND == 1:
-                kkt = kkt * gam
-            kkt = tl.where(strict, kkt, 0.0)
-            dbeta_acc += tl.sum(da * kkt, axis=1)
-            mmat = da * bt[:, None]
-            if GKIND == 1:
-                mmat = mmat * gam
-            dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
-            tl.store(dbeta + rt.to(tl.int64) * H + i_h, dbeta_acc.to(dbeta.dtype.element_ty), mask=mt)
-            if GKIND == 1:
-                # gradient w.r.t. the chunk-local cumsum G, then dg = its reverse cumsum within the chunk
-                d1 = dp * p  # score decay in P
-                d2 = da * kkt * bt[:, None]  # score decay in A
-                dG = tl.sum(d1 + d2, axis=1) - tl.sum(d1 + d2, axis=0)
-                dG += tl.sum(dq_in * qq.to(tl.float32), axis=1)  # e^G in the inter-chunk output term
-                dG += tl.sum(drw * rw, axis=1)  # e^G in diag(b e^G) K
-                dkst_k = tl.sum(dk_st * kf, axis=1)  # e^{G_C - G} in the state update
-                dG -= dkst_k
-                dGl = tl.sum(dkst_k, axis=0) + tl.exp(gl) * tl.sum(ds_s0, axis=0)
-                dG += tl.where(rt == t_last, dGl, 0.0)
-                dG = tl.where(mt, dG, 0.0)
-                dgg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
-                tl.store(dg + rt.to(tl.int64) * H + i_h, dgg, mask=mt)
-        tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
-        tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
+        eq = 1.0
+    kg = kf * eq  # e^G K
+    rw = kg * bt[:, None]  # diag(b e^G) K
+    dww = tl.load(dw + off_tk, mask=m_tk, other=0.0)
+    dx = mm(dww, tl.trans(rw), DTC) + dxu
+    drw = mm(xT, dww, DTC)  # X^T dW
+    dkk = tl.load(dk_part + off_tk, mask=m_tk, other=0.0) + drw * eq * bt[:, None]
+    dbeta_acc += tl.sum(drw * kg, axis=1)
+    da = -mm(xT, mm(dx, xT, DTC), DTC)  # -X^T dX X^T
+    da = tl.where(strict, da, 0.0)
+    kkt = mm(kk, tl.trans(kk), DTC)
+    if GKIND == 1:
+        kkt = kkt * gam
+    kkt = tl.where(strict, kkt, 0.0)
+    dbeta_acc += tl.sum(da * kkt, axis=1)
+    mmat = da * bt[:, None]
+    if GKIND == 1:
+        mmat = mmat * gam
+    dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
+    tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dbeta + rt.to(tl.int64) * H + i_h, dbeta_acc.to(dbeta.dtype.element_ty), mask=mt)
+    if GKIND == 1:
+        # the gradient w.r.t. the chunk-local cumsum G, then dg = its reverse cumsum within the chunk
+        d2 = da * kkt * bt[:, None]  # score decay in A
+        dG = tl.load(dgx + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+        dG += tl.sum(d2, axis=1) - tl.sum(d2, axis=0) + tl.sum(drw * rw, axis=1)  # and e^G in diag(b e^G) K
+        dG = tl.where(mt, dG, 0.0)
+        dgg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
+        tl.store(dg + rt.to(tl.int64) * H + i_h, dgg, mask=mt)
 
 
 @triton.jit

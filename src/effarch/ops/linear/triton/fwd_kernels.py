@@ -88,10 +88,12 @@ def delta_prep_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     HAS_G: tl.constexpr,
+    HAVE_X: tl.constexpr,
     DTC: tl.constexpr,
 ):
     """X = (I + A)^{-1} [T, H, BT] (row t holds its chunk's row, float32), W = X diag(b e^G) K [T, H, K] and
-    U~ = X diag(b) V [T, H, V]. Grid (NT, H).
+    U~ = X diag(b) V [T, H, V]. Grid (NT, H). With HAVE_X, X is read (saved by the forward) and only W and U~
+    are formed.
 
     The unit-lower-triangular inverse is built by blocks of BC rows: each diagonal block by forward
     substitution, then X_ij = -X_ii sum_{j<=m<i} A_im X_mj, block row by block row through X in memory.
@@ -104,61 +106,68 @@ def delta_prep_kernel(
     rk = tl.arange(0, BK)
     mk = rk < K
     strict = rc[:, None] > rc[None, :]
-    # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution, row r = e_r - A[r, :] X.
-    for i in tl.static_range(NB):
-        ri = t0 + i * BC + rc
-        mi = ri < eos
-        ki = tl.load(
-            k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
-        )
-        bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
-        a = mm(ki, tl.trans(ki), DTC)
-        if HAS_G:
-            gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
-            a = a * tl.exp(tl.where(strict, gi[:, None] - gi[None, :], float("-inf")))
-        a = tl.where(strict, a * bi[:, None], 0.0)
-        x = (rc[:, None] == rc[None, :]).to(tl.float32)
-        for r in range(1, BC):
-            a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of A, indexed by column
-            x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
-        tl.store(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], x, mask=mi[:, None])
-    tl.debug_barrier()
     rb = tl.arange(0, BT)
-    # Off-diagonal blocks, one block row at a time (rows m < i are final in memory before row i reads them).
-    for i in tl.static_range(1, NB):
-        ri = t0 + i * BC + rc
-        mi = ri < eos
-        ki = tl.load(
-            k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
-        )
-        bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
-        if HAS_G:
-            gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
-        acc = tl.zeros([BC, BT], dtype=tl.float32)
-        for m in tl.static_range(i):
-            rm = t0 + m * BC + rc
-            mm_ = rm < eos
-            km = tl.load(
-                k + (rm.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mm_[:, None] & mk[None, :], other=0.0
+    if not HAVE_X:
+        # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution, row r = e_r - A[r, :] X.
+        for i in tl.static_range(NB):
+            ri = t0 + i * BC + rc
+            mi = ri < eos
+            ki = tl.load(
+                k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
             )
-            a = mm(ki, tl.trans(km), DTC)
-            if HAS_G:  # every token of block m precedes every token of block i: exponents <= 0
-                gm = tl.load(G + rm.to(tl.int64) * H + i_h, mask=mm_, other=0.0)
-                a = a * tl.exp(gi[:, None] - gm[None, :])
-            a = a * bi[:, None]
-            # row block m of X, columns before block m+1 (the rest is zero)
-            xm = tl.load(
-                X + (rm.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
-                mask=mm_[:, None] & (rb[None, :] < (m + 1) * BC),
-                other=0.0,
-            )
-            acc += tl.dot(a, xm, input_precision="ieee")
-        xii = tl.load(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], mask=mi[:, None], other=0.0)
-        xi = -tl.dot(xii, acc, input_precision="ieee")
-        tl.store(
-            X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], xi, mask=mi[:, None] & (rb[None, :] < i * BC)
-        )
+            bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
+            a = mm(ki, tl.trans(ki), DTC)
+            if HAS_G:
+                gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+                a = a * tl.exp(tl.where(strict, gi[:, None] - gi[None, :], float("-inf")))
+            a = tl.where(strict, a * bi[:, None], 0.0)
+            x = (rc[:, None] == rc[None, :]).to(tl.float32)
+            for r in range(1, BC):
+                a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of A, indexed by column
+                x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
+            tl.store(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], x, mask=mi[:, None])
         tl.debug_barrier()
+        # Off-diagonal blocks, one block row at a time (rows m < i are final in memory before row i reads them).
+        for i in tl.static_range(1, NB):
+            ri = t0 + i * BC + rc
+            mi = ri < eos
+            ki = tl.load(
+                k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
+            )
+            bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
+            if HAS_G:
+                gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+            acc = tl.zeros([BC, BT], dtype=tl.float32)
+            for m in tl.static_range(i):
+                rm = t0 + m * BC + rc
+                mm_ = rm < eos
+                km = tl.load(
+                    k + (rm.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :],
+                    mask=mm_[:, None] & mk[None, :],
+                    other=0.0,
+                )
+                a = mm(ki, tl.trans(km), DTC)
+                if HAS_G:  # every token of block m precedes every token of block i: exponents <= 0
+                    gm = tl.load(G + rm.to(tl.int64) * H + i_h, mask=mm_, other=0.0)
+                    a = a * tl.exp(gi[:, None] - gm[None, :])
+                a = a * bi[:, None]
+                # row block m of X, columns before block m+1 (the rest is zero)
+                xm = tl.load(
+                    X + (rm.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                    mask=mm_[:, None] & (rb[None, :] < (m + 1) * BC),
+                    other=0.0,
+                )
+                acc += tl.dot(a, xm, input_precision="ieee")
+            xii = tl.load(
+                X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], mask=mi[:, None], other=0.0
+            )
+            xi = -tl.dot(xii, acc, input_precision="ieee")
+            tl.store(
+                X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                xi,
+                mask=mi[:, None] & (rb[None, :] < i * BC),
+            )
+            tl.debug_barrier()
     # W and U~ from the whole inverse.
     rt = t0 + rb
     mt = rt < eos
@@ -281,17 +290,18 @@ def state_fwd_kernel(
     STORE_HT: tl.constexpr,
     DTC: tl.constexpr,
 ):
-    """Inter-chunk state pass, one sequence and head and BV columns per program: hbuf[c] = state entering
+    """Inter-chunk state pass, one sequence and head and a BK x BV block of the state per program (the delta
+    rule needs all K rows in one program: BK >= K; the additive rule's rows are independent): hbuf[c] = state entering
     chunk c ([NT, H, K, V]); delta rule: vnew = U~ - W S_0 [T, H, V] (the pseudo-values U). Grid
-    (cdiv(V, BV), N * H)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    (cdiv(V, BV), cdiv(K, BK), N * H)."""
+    i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
     bos = tl.load(cu + i_n)
     eos = tl.load(cu + i_n + 1)
     c0 = tl.load(seq_chunk + i_n)
     c1 = tl.load(seq_chunk + i_n + 1)
-    rk = tl.arange(0, BK)
+    rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk = rk < K
     mv = rv < V

@@ -86,6 +86,25 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+STATE_PROGRAMS = 512  # the sequential state passes split the state into blocks until about this many programs run
+
+
+def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
+    """(BK, BV) blocks of the state for the sequential state passes over `n_heads` (sequences x heads) states:
+    each program walks its sequence's chunks one after the other, so with few sequences (one long sequence)
+    the state is cut finer to keep the GPU busy. Only with `split`: the additive rule with a decay, whose
+    reverse pass takes tf32 products. On an H200 with Triton 3.6 the blocks below [K, 32] gave wrong gradients
+    (relative error 0.3, and an illegal memory access for the gated delta rule) where the products were bf16:
+    the rule without decay and the delta rule; the delta rule also needs every key row in one program."""
+    BK, BV = _pow2(K), min(_pow2(V), 32)
+    count = lambda: n_heads * triton.cdiv(V, BV) * triton.cdiv(K, BK)  # noqa: E731
+    while split and BK > 32 and count() < STATE_PROGRAMS:
+        BK //= 2
+    while split and BV > 16 and count() < STATE_PROGRAMS:
+        BV //= 2
+    return BK, BV
+
+
 def gkind(g: torch.Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
@@ -116,7 +135,10 @@ def forward_pieces(
     delta: bool,
     store_final: bool,
     state_dtype: torch.dtype,
+    X: torch.Tensor | None = None,
 ) -> ForwardPieces:
+    """The chunk-local decay cumsum, the delta rule's WY pieces (the inverse X is taken as given when passed:
+    the backward reuses the forward's) and the state entering each chunk."""
     T, H, K = q.shape
     V = v.shape[-1]
     BK, dtc = _pow2(K), dot_code(q.dtype)
@@ -129,23 +151,25 @@ def forward_pieces(
         fwd_kernels.chunk_cumsum_kernel[(NT, H)](
             g, G, table.chunk_tok, table.chunk_eos, H, K, chunk, BK, g.dim() == 3, num_warps=4
         )
-    X = W = U = vnew = None
+    W = U = vnew = None
     if delta:
-        X = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
+        have_x = X is not None
+        if not have_x:
+            X = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
         W, U = _empty_like(k), _empty_like(v)
         fwd_kernels.delta_prep_kernel[(NT, H)](
             k, v, beta, q if G is None else G, X, W, U, table.chunk_tok, table.chunk_eos,
-            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, dtc, num_warps=4,
+            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=4,
         )  # fmt: skip
         vnew = _empty_like(v)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
-    BV = min(_pow2(V), 32)
+    BKs, BV = state_blocks(K, V, N * H, split=g is not None and not delta)
     dummy = q
-    fwd_kernels.state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+    fwd_kernels.state_fwd_kernel[(triton.cdiv(V, BV), triton.cdiv(K, BKs), N * H)](
         k, v, dummy if W is None else W, dummy if U is None else U, dummy if G is None else G, h,
         dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew,
-        table.cu, table.seq_chunk, H, K, V, chunk, BK, BV, gkind(g), delta, h0 is not None, store_final, dtc,
+        table.cu, table.seq_chunk, H, K, V, chunk, BKs, BV, gkind(g), delta, h0 is not None, store_final, dtc,
         num_warps=4,
     )  # fmt: skip
     return ForwardPieces(G, X, W, U, h, vnew, hT)
@@ -164,8 +188,9 @@ def chunk_forward(
     *,
     delta: bool,
     store_final: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """o [T, H, V] in v's dtype and the final states (or None)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """o [T, H, V] in v's dtype, the final states (or None) and what the backward reuses rather than recompute
+    (the delta rule's inverses X, or the per-key decay's intra-chunk scores A; None otherwise)."""
     T, H, K = q.shape
     V = v.shape[-1]
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -184,7 +209,7 @@ def chunk_forward(
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
         table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=4,
     )  # fmt: skip
-    return o, p.hT
+    return o, p.hT, p.X if delta else A
 
 
 def recurrent_forward(

@@ -33,21 +33,24 @@ def chunk_fwd_op(
     dense_len: int,
     chunk: int,
     store_final: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
-    cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32, or an empty tensor)."""
+    cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32 or an empty tensor, and float32 [T,H,C] that
+    the backward reuses: the delta rule's inverses or the per-key decay's intra-chunk scores, else empty)."""
     table = ChunkTable.build(cu, dense_len, chunk)
     q, k = expand_key_heads(q, k, v.shape[1], dim=1)  # key groups: the copies live only during the call
     with kernel_build_options(q.shape[-1], v.shape[-1]):
-        o, hT = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
-    return o, (hT if hT is not None else _empty(q))
+        o, hT, saved = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
+    return o, (hT if hT is not None else _empty(q)), (saved if saved is not None else _empty(q))
 
 
 @chunk_fwd_op.register_fake
 def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final):
     n, K, (_, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
     final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
-    return torch.empty_like(v), final
+    keeps = delta or (g is not None and g.dim() == 3)
+    saved = q.new_empty(q.shape[0], H, chunk, dtype=torch.float32) if keeps else _empty(q)
+    return torch.empty_like(v), final, saved
 
 
 @torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", mutates_args=())
@@ -60,18 +63,21 @@ def chunk_bwd_op(
     g: Tensor | None,
     beta: Tensor | None,
     h0: Tensor | None,
+    saved: Tensor,
     cu: Tensor,
     scale: float,
     delta: bool,
     dense_len: int,
     chunk: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None."""
+    """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None. `saved` is the
+    forward's third output."""
     table = ChunkTable.build(cu, dense_len, chunk)
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
-            do, dhT, q, k, v, g, beta, h0, table, chunk, scale, dense_len, delta=delta
-        )
+            do, dhT, q, k, v, g, beta, h0, saved if saved.numel() else None, table, chunk, scale, dense_len,
+            delta=delta,
+        )  # fmt: skip
     return (
         dq,
         dk,
@@ -83,7 +89,7 @@ def chunk_bwd_op(
 
 
 @chunk_bwd_op.register_fake
-def _(do, dhT, q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk):
+def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -96,18 +102,18 @@ def _(do, dhT, q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk):
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu)
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2])
     ctx.args = (scale, delta, dense_len, chunk)
 
 
-def _backward(ctx, do, dhT):
-    q, k, v, g, beta, h0, cu = ctx.saved_tensors
+def _backward(ctx, do, dhT, _dsaved):
+    q, k, v, g, beta, h0, cu, saved = ctx.saved_tensors
     scale, delta, dense_len, chunk = ctx.args
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
     groups = q.shape[1]
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
-        do.contiguous(), dhT, qe, ke, v, g, beta, h0, cu, scale, delta, dense_len, chunk
+        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
         dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))
@@ -208,7 +214,7 @@ def linear_recurrence_triton(
         o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
         final = state if output_final_state else None
     else:
-        o, final = chunk_fwd_op(qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state)
+        o, final, _ = chunk_fwd_op(qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state)
         final = final if output_final_state else None
     return o.reshape(B, T, H, inp.V).to(v.dtype), final
 
