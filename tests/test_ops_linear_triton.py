@@ -162,6 +162,22 @@ def test_wide_heads_split_into_key_and_value_blocks(case):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("strength", [1.0, 30.0])
+def test_per_key_decay_mild_and_strong(strength, monkeypatch):
+    """The per-key intra-chunk kernels take one product per sub-block when its decay spans at most SPREAD in
+    log space, and the column-by-column form otherwise: log decays of -strength * U(0, 1) per token put
+    sub-blocks of 16 tokens on either side (at 30, some keys decay by more than 40 within a sub-block)."""
+    monkeypatch.setattr(ops, "CHUNK", 64)
+    q, k, v, kw = make("additive", "per_key", 2, 70, 2, 16, 16, seed=23)
+    kw["log_decay"] = -strength * torch.rand(kw["log_decay"].shape, generator=torch.Generator().manual_seed(5))
+    spread = -kw["log_decay"][:, :16].sum(1).max().item()  # one sub-block's span on the most decayed key
+    assert (spread < 40) == (strength == 1.0)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, 1e-5)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_per_key_decay_at_a_key_width_that_is_not_a_power_of_two(chunk, monkeypatch):
     """K = 40, V = 24 (blocks of 64 and 32, partly masked): packed sequences, a partial chunk, every gradient."""

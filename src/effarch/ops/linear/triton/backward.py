@@ -175,11 +175,16 @@ def chunk_backward(
         )  # fmt: skip
         dbeta = dbeta.to(beta.dtype)
     if gk == 2:
-        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, dA, dq, dk, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, local_dtc, num_warps=8
+        dqo, dko, dgx = (
+            _empty(T, H, K, dtype=q.dtype, device=dev),
+            _empty(T, H, K, dtype=k.dtype, device=dev),
+            f32(T, H, K),
         )
+        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
+            q, k, p.G, dA, dq, dk, dqo, dko, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK,
+            local_dtc, num_warps=8,
+        )  # fmt: skip
+        dq, dk = dqo, dko
     if additive_decay:
-        x = dgx if gk == 1 else q.float() * dq - k.float() * dk
-        dg = additive_decay_grad(x, p.hT, dhT, gk == 2, table, dense_len)
-        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
+        dg = additive_decay_grad(dgx, p.hT, dhT, gk == 2, table, dense_len)
     return dq, dk, dv, dg, dbeta, dh0

@@ -434,6 +434,9 @@ def gla_intra_bwd_kernel(
     dA,
     dq,
     dk,
+    dqo,
+    dko,
+    xg,
     chunk_tok,
     chunk_eos,
     H: tl.constexpr,
@@ -442,11 +445,15 @@ def gla_intra_bwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DTC: tl.constexpr,
+    SPREAD: tl.constexpr = 40.0,
 ):
-    """Per-key decay: adds the intra-chunk terms to dq and dk (already holding the inter-chunk ones),
+    """Per-key decay: adds the intra-chunk terms to dq and dk (float32, holding the inter-chunk ones), writes
+    the sums to dqo and dko (the inputs' dtype) and xg = q dq - k dk (float32, for the decay-gradient identity):
       dq_t += sum_{s<=t} dA_ts k_s e^{G_t - G_s},   dk_s += sum_{t>=s} dA_ts q_t e^{G_t - G_s},
-    for the BC rows of sub-block i, with the same splitting of exponents as `gla_intra_kernel`. Grid
-    (NT * BT / BC, H)."""
+    for the BC rows of sub-block i, with the same splitting of exponents as `gla_intra_kernel`: when the decay
+    inside sub-block i spans at most SPREAD, one product each, split at its first token m for dq
+    (exp(G_t - G_m) <= 1, exp(G_m - G_s) <= e^SPREAD) and at its last token l for dk (exp(G_t - G_l) <=
+    e^SPREAD for t in the sub-block, <= 1 after it; exp(G_l - G_s) <= 1). Grid (NT * BT / BC, H)."""
     NB: tl.constexpr = BT // BC
     i_x, i_h = tl.program_id(0), tl.program_id(1)
     i_c = i_x // NB
@@ -465,6 +472,46 @@ def gla_intra_bwd_kernel(
     rs = t0 + rb
     ms = rs < eos
     off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    m0 = t0 + i * BC
+    l0 = tl.minimum(m0 + BC, eos) - 1
+    gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
+    gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
+    if tl.max(gm - gl, axis=0) <= SPREAD:
+        # dq: keys s up to the sub-block's end (dA is zero above the diagonal), split at m
+        mb = (rb < (i + 1) * BC) & ms
+        ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
+        ks = ks * tl.exp(tl.where(mb[:, None], gm[None, :] - gs, float("-inf")))
+        da_i = tl.load(dA + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                       mask=mi[:, None] & (rb[None, :] <= i * BC + rc[:, None]), other=0.0)  # fmt: skip
+        acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
+        # dk: queries t from the sub-block's start, split at l
+        ma = (rb >= i * BC) & ms
+        qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
+        qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gl[None, :], float("-inf")))
+        # dA[:, sub-block i] transposed: [BC, BT], row s holds dA[t, s] for t >= s
+        da_t = tl.load(dA + (rs.to(tl.int64)[None, :] * H + i_h) * BT + i * BC + rc[:, None],
+                       mask=ma[None, :] & mi[:, None] & (rb[None, :] >= i * BC + rc[:, None]), other=0.0)  # fmt: skip
+        acc_k = mm(da_t, qs, DTC) * tl.exp(tl.where(mi[:, None], gl[None, :] - gi, float("-inf")))
+    else:
+        acc_q, acc_k = _gla_intra_bwd_by_columns(
+            q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, rk, mk, rs, ms, off_s, H, K, BT, BC, BK, NB, DTC
+        )
+    dq_new = tl.load(dq + off_i, mask=m_ik, other=0.0) + acc_q
+    dk_new = tl.load(dk + off_i, mask=m_ik, other=0.0) + acc_k
+    tl.store(dqo + off_i, dq_new.to(dqo.dtype.element_ty), mask=m_ik)
+    tl.store(dko + off_i, dk_new.to(dko.dtype.element_ty), mask=m_ik)
+    qi = tl.load(q + off_i, mask=m_ik, other=0.0).to(tl.float32)
+    ki = tl.load(k + off_i, mask=m_ik, other=0.0).to(tl.float32)
+    tl.store(xg + off_i, qi * dq_new - ki * dk_new, mask=m_ik)
+
+
+@triton.jit
+def _gla_intra_bwd_by_columns(q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, rk, mk, rs, ms, off_s,
+                              H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                              NB: tl.constexpr, DTC: tl.constexpr):  # fmt: skip
+    """`gla_intra_bwd_kernel`'s (dq, dk) terms of sub-block i when its decay spread is too large for one product."""
     acc_q = tl.zeros([BC, BK], dtype=tl.float32)
     acc_k = tl.zeros([BC, BK], dtype=tl.float32)
     if i > 0:  # keys in earlier sub-blocks, split at r (the token before sub-block i)
@@ -500,7 +547,4 @@ def gla_intra_bwd_kernel(
         row = tl.load(dA + (s.to(tl.int64) * H + i_h) * BT + i * BC + rc, mask=m_row, other=0.0)
         acc_q += col[:, None] * kj[None, :] * tl.exp(tl.where((rc >= j)[:, None], gi - gj[None, :], float("-inf")))
         acc_k += row[:, None] * qj[None, :] * tl.exp(tl.where(m_row[:, None], gj[None, :] - gi, float("-inf")))
-    dq_old = tl.load(dq + off_i, mask=m_ik, other=0.0).to(tl.float32)
-    dk_old = tl.load(dk + off_i, mask=m_ik, other=0.0).to(tl.float32)
-    tl.store(dq + off_i, (dq_old + acc_q).to(dq.dtype.element_ty), mask=m_ik)
-    tl.store(dk + off_i, (dk_old + acc_k).to(dk.dtype.element_ty), mask=m_ik)
+    return acc_q, acc_k

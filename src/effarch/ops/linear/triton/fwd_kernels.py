@@ -219,13 +219,16 @@ def gla_intra_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DTC: tl.constexpr,
+    SPREAD: tl.constexpr = 40.0,
 ):
     """Per-key decay: A[t, s] = sum_c q_tc k_sc exp(G_tc - G_sc) for s <= t in the chunk, else 0; float32
     [T, H, BT]. Grid (NT * BT / BC, H): one program per query sub-block i of BC rows.
 
-    Keys before sub-block i: the decay is split at r, the token just before it,
-    exp(G_t - G_s) = exp(G_t - G_r) exp(G_r - G_s), both exponents <= 0, one [BC, K] x [K, BT] product.
-    Keys inside sub-block i: exponent differences formed directly, one key column at a time.
+    When the decay inside sub-block i spans at most SPREAD in log space on every key (G_m - G_l <= SPREAD, m its
+    first token and l its last), all keys up to l are taken in one [BC, K] x [K, BT] product split at m:
+    exp(G_t - G_s) = exp(G_t - G_m) exp(G_m - G_s), the first factor <= 1 and the second <= e^SPREAD, so
+    nothing overflows. Otherwise keys before sub-block i are split at r, the token just before it (both
+    exponents <= 0), and keys inside it take exponent differences formed directly, one key column at a time.
     """
     NB: tl.constexpr = BT // BC
     i_x, i_h = tl.program_id(0), tl.program_id(1)
@@ -242,6 +245,29 @@ def gla_intra_kernel(
     off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
     qi = tl.load(q + off_i, mask=mi[:, None] & mk[None, :], other=0.0).to(tl.float32)
     gi = tl.load(G + off_i, mask=mi[:, None] & mk[None, :], other=0.0)
+    acc = tl.zeros([BC, BT], dtype=tl.float32)
+    m0 = t0 + i * BC
+    l0 = tl.minimum(m0 + BC, eos) - 1
+    gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
+    gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
+    if tl.max(gm - gl, axis=0) <= SPREAD:
+        rs = t0 + rb
+        ms = (rb < (i + 1) * BC) & (rs < eos)
+        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
+        ks = ks * tl.exp(tl.where(ms[:, None], gm[None, :] - gs, float("-inf")))
+        qm = qi * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
+        acc = tl.where(rb[None, :] <= i * BC + rc[:, None], mm(qm, tl.trans(ks), DTC), 0.0)
+    else:
+        acc = _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H, K, BT, BC, BK, DTC)
+    tl.store(A + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], acc, mask=mi[:, None])
+
+
+@triton.jit
+def _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H: tl.constexpr, K: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DTC: tl.constexpr):  # fmt: skip
+    """`gla_intra_kernel`'s rows of sub-block i when its decay spread is too large for one product."""
     acc = tl.zeros([BC, BT], dtype=tl.float32)
     if i > 0:
         r = t0 + i * BC - 1
@@ -262,7 +288,7 @@ def gla_intra_kernel(
         e = tl.exp(tl.where(rc[:, None] >= j, gi - gj[None, :], float("-inf")))
         col = tl.sum(qi * kj[None, :] * e, axis=1)
         acc = tl.where(rb[None, :] == i * BC + j, col[:, None], acc)
-    tl.store(A + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], acc, mask=mi[:, None])
+    return acc
 
 
 @triton.jit
