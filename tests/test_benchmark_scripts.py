@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,25 @@ def test_profile_step_script(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode != 0 and "no-such-preset" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ttt_prefill_script(tmp_path):
+    """Both paths at a small shape under the interpreter: the kernel's output equals the loop's."""
+    out = tmp_path / "ttt.json"
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "ttt_prefill.py"), "--device", "cpu", "--shapes", "1x40,2x16", "--d-model", "64",
+         "--heads", "2", "--repeat", "1", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["batch"], x["tokens"]) for x in rows] == [(1, 40), (2, 16)]
+    assert all(x["kernel_calls"] > 0 and x["loop_ms"] > 0 and x["kernel_ms"] > 0 and x["rel_diff"] < 1e-5 for x in rows)
+
+
+def test_ttt_prefill_bad_shapes(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "ttt_prefill.py"), "--device", "cpu", "--shapes", "1x40,banana"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode != 0 and "expected BATCHxTOKENS" in r.stderr and "Traceback" not in r.stderr
