@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effarch.layers.recompute import recomputed
+from effarch.ops.conv import causal_conv1d
 
 
 def _doc_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -68,14 +69,28 @@ def short_conv(
         y = y + shifted * same[None, :, None] * weight[:, -1 - j]
     if bias is not None:
         y = y + bias
+    return y, packed_tails(x, cu_seqlens, W)
+
+
+def packed_tails(x: torch.Tensor, cu_seqlens: torch.Tensor, W: int) -> torch.Tensor:
+    """The last W-1 inputs of each packed sequence of x [1, T, C], zero-padded in front: [N, W-1, C]."""
     n = cu_seqlens.numel() - 1
-    new_tail = x.new_zeros(n, W - 1, C)
+    new_tail = x.new_zeros(n, W - 1, x.shape[2])
     for i in range(n):
         s, e = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
         seg = x[0, max(s, e - (W - 1)) : e]
         if seg.shape[0]:
             new_tail[i, W - 1 - seg.shape[0] :] = seg
-    return y, new_tail
+    return new_tail
+
+
+def fresh_tail(x: torch.Tensor, W: int) -> torch.Tensor:
+    """The last W-1 inputs of x [B, T, C] after a zero start, zero-padded in front: [B, W-1, C]."""
+    B, T, C = x.shape
+    keep = x[:, max(0, T - (W - 1)) :]
+    if keep.shape[1] == W - 1:
+        return keep
+    return torch.cat([x.new_zeros(B, W - 1 - keep.shape[1], C), keep], dim=1)
 
 
 class ShortConvolution(nn.Module):
@@ -105,16 +120,25 @@ class ShortConvolution(nn.Module):
             nn.init.uniform_(self.weight, -(self.kernel_size**-0.5), self.kernel_size**-0.5)
 
     def forward(self, x, tail=None, *, cu_seqlens=None):
-        if torch.is_grad_enabled() and self.causal and cu_seqlens is None:
-            # Training: the backward keeps only x and recomputes the padded input, the conv and the SiLU,
-            # instead of holding two more copies of the activations.
+        if self.causal and tail is None and x.shape[1] > 0:
+            # A fresh start (training, prefill): the fused kernel on CUDA when switched on (`effarch.ops.conv`),
+            # else the PyTorch form.
+            y = causal_conv1d(
+                x, self.weight, self.bias, self.activation, cu_seqlens, reference=lambda: self._fresh(x, cu_seqlens)
+            )
             W = self.kernel_size
-            xx_tail = x[:, x.shape[1] - (W - 1) :] if x.shape[1] >= W - 1 else None
-            if xx_tail is None:
-                start = tail if tail is not None else x.new_zeros(x.shape[0], W - 1, x.shape[2])
-                xx_tail = torch.cat([start.to(x.dtype), x], dim=1)[:, -(W - 1) :]
-            return recomputed(self._conv_act, x, tail), xx_tail
+            return y, (fresh_tail(x, W) if cu_seqlens is None else packed_tails(x, cu_seqlens, W))
+        if torch.is_grad_enabled() and self.causal and cu_seqlens is None:
+            # training from a carried tail: the last W-1 of tail + x
+            return recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
         return self._conv_act_tail(x, tail, cu_seqlens)
+
+    def _fresh(self, x, cu_seqlens):
+        """y from a zero start in PyTorch; training keeps only x for the backward and recomputes the padded input,
+        the conv and the SiLU, instead of holding two more copies of the activations."""
+        if torch.is_grad_enabled() and cu_seqlens is None:
+            return recomputed(self._conv_act, x, None)
+        return self._conv_act_tail(x, None, cu_seqlens)[0]
 
     def _conv_act_tail(self, x, tail, cu_seqlens=None):
         y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)

@@ -1,0 +1,194 @@
+"""Triton kernels of the causal depthwise short convolution (+ SiLU) on [B, T, C], forward and backward.
+
+    pre_t = sum_j w_j x_{t-(W-1-j)} + b,   y_t = act(pre_t),   x_s = 0 before the start of t's sequence,
+
+w [C, W] (w[:, W-1] multiplies the current token). The backward recomputes pre from x (nothing but x is saved):
+    dx_t = sum_d w_{W-1-d} dz_{t+d} over t+d in t's sequence,   dz = dy act'(pre),
+    dw_j = sum_t dz_t x_{t-(W-1-j)},   db = sum_t dz_t   (per block of tokens, then summed).
+Packed sequences (B = 1 with cu_seqlens) pass each token's sequence start [T] int32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
+BT, BC = 64, 64  # tokens and channels per program
+MAX_WIDTH = 8
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    x = torch.empty(*shape, dtype=dtype, device=device)
+    return x.fill_(float("nan")) if POISON else x
+
+
+@triton.jit
+def _pre(x, w, b, start, base, u, su, rc, mu, mc, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr,
+         BCk: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """pre-activation at positions u [BT] (sequence starts su) for channels rc: float32 [BT, BC]."""
+    acc = tl.zeros([BTk, BCk], dtype=tl.float32)
+    for j in tl.static_range(W):
+        s = u - (W - 1 - j)
+        ok = mu & (s >= su)
+        xv = tl.load(x + base + s.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :], other=0.0)
+        wj = tl.load(w + rc * W + j, mask=mc, other=0.0).to(tl.float32)
+        acc += xv.to(tl.float32) * wj[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b + rc, mask=mc, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def conv_fwd_kernel(x, w, b, start, y, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr, BCk: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """y = act(pre) for BT tokens x BC channels of one sequence row. Grid (cdiv(T, BT), cdiv(C, BC), B)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rt = i_t * BTk + tl.arange(0, BTk)
+    rc = i_c * BCk + tl.arange(0, BCk)
+    mt = rt < T
+    mc = rc < C
+    base = i_b.to(tl.int64) * T * C
+    if PACKED:
+        st = tl.load(start + rt, mask=mt, other=0)
+    else:
+        st = rt * 0
+    pre = _pre(x, w, b, start, base, rt, st, rc, mt, mc, T, C, W, BTk, BCk, HAS_BIAS)
+    if ACT:
+        pre = pre * tl.sigmoid(pre)
+    off = base + rt.to(tl.int64)[:, None] * C + rc[None, :]
+    tl.store(y + off, pre.to(y.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+
+
+@triton.jit
+def conv_bwd_kernel(x, w, b, start, dy, dx, dwp, dbp, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr,
+                    BCk: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """dx for BT tokens x BC channels, and this block's share of dw [C, W] and db [C] (rows of dwp, dbp).
+    Grid (cdiv(T, BT), cdiv(C, BC), B)."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rt = i_t * BTk + tl.arange(0, BTk)
+    rc = i_c * BCk + tl.arange(0, BCk)
+    mt = rt < T
+    mc = rc < C
+    base = i_b.to(tl.int64) * T * C
+    blk = (i_b * tl.num_programs(0) + i_t).to(tl.int64)
+    dxa = tl.zeros([BTk, BCk], dtype=tl.float32)
+    for d in tl.static_range(W):  # outputs u = t + d read x_t through tap W-1-d
+        u = rt + d
+        mu = u < T
+        if PACKED:
+            su = tl.load(start + u, mask=mu, other=0)
+            mu = mu & (su <= rt)  # u in t's sequence
+        else:
+            su = u * 0
+        g = tl.load(dy + base + u.to(tl.int64)[:, None] * C + rc[None, :], mask=mu[:, None] & mc[None, :], other=0.0)
+        g = g.to(tl.float32)
+        if ACT:
+            pre = _pre(x, w, b, start, base, u, su, rc, mu, mc, T, C, W, BTk, BCk, HAS_BIAS)
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        wd = tl.load(w + rc * W + (W - 1 - d), mask=mc, other=0.0).to(tl.float32)
+        dxa += g * wd[None, :]
+        if d == 0:  # u = t: this block's dw and db
+            for j in tl.static_range(W):
+                s = rt - (W - 1 - j)
+                ok = mt & (s >= su)
+                xs = tl.load(x + base + s.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :],
+                             other=0.0)  # fmt: skip
+                tl.store(dwp + (blk * C + rc) * W + j, tl.sum(g * xs.to(tl.float32), axis=0), mask=mc)
+            if HAS_BIAS:
+                tl.store(dbp + blk * C + rc, tl.sum(g, axis=0), mask=mc)
+    off = base + rt.to(tl.int64)[:, None] * C + rc[None, :]
+    tl.store(dx + off, dxa.to(dx.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+
+
+def _launch_args(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None):
+    B, T, C = x.shape
+    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
+    return grid, (x if bias is None else bias), (x if start is None else start)
+
+
+@torch.library.custom_op("effarch::causal_conv1d_fwd", mutates_args=())
+def conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None, act: bool) -> Tensor:
+    """x [B, T, C] contiguous, weight [C, W] contiguous, bias [C] or None, start [T] int32 or None -> y [B, T, C]."""
+    B, T, C = x.shape
+    y = _empty(B, T, C, dtype=x.dtype, device=x.device)
+    grid, b, st = _launch_args(x, weight, bias, start)
+    conv_fwd_kernel[grid](x, weight, b, st, y, T, C, weight.shape[1], BT, BC, bias is not None, start is not None, act)
+    return y
+
+
+@conv_fwd_op.register_fake
+def _(x, weight, bias, start, act):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("effarch::causal_conv1d_bwd", mutates_args=())
+def conv_bwd_op(
+    dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None, act: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx [B, T, C], dw [C, W] in weight's dtype, db [C] in bias's dtype or an empty tensor)."""
+    B, T, C = x.shape
+    W = weight.shape[1]
+    grid, b, st = _launch_args(x, weight, bias, start)
+    nblk = grid[0] * B
+    dx = _empty(B, T, C, dtype=x.dtype, device=x.device)
+    dwp = _empty(nblk, C, W, dtype=torch.float32, device=x.device)
+    dbp = _empty(nblk, C, dtype=torch.float32, device=x.device) if bias is not None else dwp
+    conv_bwd_kernel[grid](x, weight, b, st, dy, dx, dwp, dbp, T, C, W, BT, BC, bias is not None, start is not None, act)
+    dw = dwp.sum(0).to(weight.dtype)
+    db = dbp.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dw, db
+
+
+@conv_bwd_op.register_fake
+def _(dy, x, weight, bias, start, act):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(weight),
+        (torch.empty_like(bias) if bias is not None else x.new_empty(0)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, start, act = inputs
+    ctx.save_for_backward(x, weight, bias, start)
+    ctx.act = act
+
+
+def _backward(ctx, dy):
+    x, weight, bias, start = ctx.saved_tensors
+    dx, dw, db = conv_bwd_op(dy.contiguous(), x, weight, bias, start, ctx.act)
+    return dx, dw, (db if bias is not None else None), None, None
+
+
+conv_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_supports(x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None) -> bool:
+    """CUDA tensors (or the Triton interpreter), x [B, T, C] in float32 / bf16 / fp16, width 1-8, activation None
+    or "silu", and cu_seqlens only with B = 1."""
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or x.shape[1] == 0:
+        return False
+    if weight.dim() != 2 or not 1 <= weight.shape[1] <= MAX_WIDTH or activation not in (None, "silu"):
+        return False
+    return cu_seqlens is None or x.shape[0] == 1
+
+
+def causal_conv1d_triton(
+    x: Tensor, weight: Tensor, bias: Tensor | None, activation: str | None, cu_seqlens: Tensor | None
+) -> Tensor:
+    """See `effarch.ops.conv.causal_conv1d`; inputs as `triton_supports` accepts."""
+    start = None
+    if cu_seqlens is not None:
+        T = x.shape[1]
+        cu = cu_seqlens.to(device=x.device, dtype=torch.long)
+        doc = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)
+        start = cu[doc].to(torch.int32)
+    return conv_fwd_op(x.contiguous(), weight.contiguous(), bias, start, activation == "silu")

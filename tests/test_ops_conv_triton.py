@@ -1,0 +1,136 @@
+"""The fused causal short-convolution kernel (`effarch.ops.conv`) against the PyTorch form it replaces.
+
+Random inputs and weights (no zeros), outputs poisoned before the kernels write them: y and the gradients of x,
+weight and bias equal `effarch.layers.conv.short_conv` (+ SiLU) for dense batches and packed sequences, widths 1 to
+4, channels and lengths that are not multiples of the blocks. Under the Triton interpreter without a GPU; on CUDA
+also in bf16 against the float32 form. Dispatch: the layer takes the kernel only when switched on.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
+
+pytest.importorskip("triton")
+
+from effarch.layers.conv import ShortConvolution, short_conv  # noqa: E402
+from effarch.ops.conv import kernels  # noqa: E402
+from effarch.ops.conv.kernels import causal_conv1d_triton, triton_supports  # noqa: E402
+
+dispatch = importlib.import_module("effarch.ops.conv")
+DEV = "cuda" if CUDA else "cpu"
+
+
+def test_in_fresh_process():
+    run_file_in_fresh_process(__file__)
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels, "POISON", True)
+
+
+def reference(x, w, b, act, cu):
+    y, _ = short_conv(x, w, b, cu_seqlens=cu)
+    return F.silu(y) if act == "silu" else y
+
+
+def grads(fn, x, w, b, seed=1):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b) if t is not None]
+    y = fn(*leaves) if b is not None else fn(*leaves, None)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device, y.dtype)
+    return [y, *torch.autograd.grad((y * dy).sum(), leaves)]
+
+
+def make(B, T, C, W, bias, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, C, generator=g).to(DEV, dtype)
+    w = torch.randn(C, W, generator=g).to(DEV, dtype)
+    b = torch.randn(C, generator=g).to(DEV, dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
+@pytest.mark.parametrize(
+    ("W", "bias", "act"), [(4, False, "silu"), (3, True, "silu"), (2, True, None), (1, False, None)]
+)
+def test_dense_batch_matches_pytorch(W, bias, act):
+    x, w, b = make(2, 70, 80, W, bias)  # 70 tokens, 80 channels: partial blocks of 64
+    assert triton_supports(x, w, act, None)
+    ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, act, None), x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, act, None), x, w, b)
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert torch.isfinite(o).all(), f"{name} has values no kernel wrote"
+        assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_sequences_do_not_see_each_other(bias):
+    cu = torch.tensor([0, 2, 50, 51, 90], device=DEV)  # a 1-token document and one shorter than the width
+    x, w, b = make(1, 90, 40, 4, bias, seed=3)
+    ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x, w, b)
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
+    # a document's first output reads only its own token
+    y = causal_conv1d_triton(x, w, b, None, cu)
+    first = x[0, 50] * w[:, -1] + (b if b is not None else 0)
+    assert torch.allclose(y[0, 50], first, atol=1e-6)
+
+
+def test_supports():
+    x, w, _ = make(2, 8, 16, 4, False)
+    assert not triton_supports(x, w, "gelu", None)
+    assert not triton_supports(x, torch.randn(16, 9, device=DEV), "silu", None)
+    assert not triton_supports(x, w, "silu", torch.tensor([0, 4, 8], device=DEV))  # packed needs B = 1
+    assert not triton_supports(x.double(), w.double(), "silu", None)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests")
+def test_layer_uses_the_kernel_only_when_switched_on(monkeypatch):
+    """ShortConvolution's training path goes through the dispatcher: kernel on (here forced past the device
+    check) gives the PyTorch path's values and gradients; off, the kernel is never called."""
+    torch.manual_seed(0)
+    conv = ShortConvolution(24, 4)
+    x = torch.randn(2, 33, 24)
+    calls = []
+    real = dispatch._load()
+
+    def counted(*args):
+        calls.append(1)
+        return real[0](*args)
+
+    monkeypatch.setattr(dispatch, "_triton", (counted, real[1]))
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda t: True)
+    dy = torch.randn(2, 33, 24)
+
+    def run():
+        xl = x.clone().requires_grad_()
+        y = conv(xl)[0]
+        return [y, *torch.autograd.grad((y * dy).sum(), (xl, conv.weight))]
+
+    monkeypatch.setattr(dispatch, "AUTO_TRITON", False)
+    ref = run()
+    assert not calls
+    monkeypatch.setattr(dispatch, "AUTO_TRITON", True)
+    ours = run()
+    assert calls
+    for o, r in zip(ours, ref):
+        assert rel_err(o, r) < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_bf16_matches_float32(packed):
+    x, w, b = make(1 if packed else 4, 2000, 768, 4, True, dtype=torch.bfloat16, seed=5)
+    cu = torch.tensor([0, 700, 701, 2000], device=DEV) if packed else None
+    ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x.float(), w.float(), b.float())
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert rel_err(o.float(), r) < 1e-2, f"{name}: relative error {rel_err(o.float(), r):.2e}"
