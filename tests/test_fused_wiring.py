@@ -101,6 +101,25 @@ def test_model_fused_equals_pytorch(preset, expected):
     _assert_same(out, ref)
 
 
+@pytest.mark.parametrize("preset", ["gated-deltanet:debug", "gla:debug"])
+def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
+    """With EFFARCH_GATED_NORM_TRITON's flag on, the linear layers' per-head RMSNorm and SiLU gate run as the
+    fused kernel (seen running) and the model equals its PyTorch path; off, the kernel is not used."""
+    torch.manual_seed(0)
+    model = build_model(preset).to(DEV)
+    ids = torch.randint(0, 260, (2, 13), device=DEV)
+    with fused.use_fused(False):
+        ref = _run(model, ids)
+    with fused.use_fused(FORCE), _RecordOps() as off:
+        _run(model, ids)
+    monkeypatch.setattr(fused, "GATED_NORM_ON", True)
+    with fused.use_fused(FORCE), _RecordOps() as on:
+        out = _run(model, ids)
+    gated = {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"}
+    assert not (off.names & gated) and gated <= on.names
+    _assert_same(out, ref)
+
+
 def test_packed_documents_and_decoding_fused():
     # Packed documents (rotary positions restart per document) and cached decoding (rotary offsets, static
     # KV cache) go through the same kernels.

@@ -29,6 +29,7 @@ from effarch.layers.base import TokenMixer
 from effarch.layers.conv import ShortConvolution
 from effarch.layers.recompute import recomputed
 from effarch.layers.rotary import positions_from_cu_seqlens
+from effarch.ops import fused
 from effarch.ops.linear import linear_recurrence
 
 NORMS = ("rms", "group", "srms", None)
@@ -266,10 +267,14 @@ class LinearMixer(TokenMixer):
     def output(self, o: torch.Tensor, f: Features, x: torch.Tensor) -> torch.Tensor:
         """Norm, gate and out projection: o [B,T,H,V] -> y [B,T,d_model]."""
         B, T = o.shape[:2]
-        o = self.out_norm(o)
         if self.gate is not None:
-            g = f.gate if f.gate is not None else self.g_proj(x)
-            o = recomputed(self._gated, o, g.reshape(B, T, self.n_heads, self.value_dim))
+            g = (f.gate if f.gate is not None else self.g_proj(x)).reshape(B, T, self.n_heads, self.value_dim)
+            if self.out_norm.kind == "rms" and fused.gated_norm_enabled(o.device, o.dtype):
+                o = fused.gated_rms_norm(o, self.out_norm.weight, g, self.out_norm.eps, self.gate, backend="triton")
+            else:
+                o = recomputed(self._gated, self.out_norm(o), g)
+        else:
+            o = self.out_norm(o)
         return self.o_proj(o.reshape(B, T, -1).to(x.dtype))
 
     def _gated(self, o: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

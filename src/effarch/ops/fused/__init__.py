@@ -22,7 +22,12 @@ import os
 
 import torch
 
-from effarch.ops.fused.reference import apply_rotary_reference, rms_norm_reference, swiglu_reference
+from effarch.ops.fused.reference import (
+    apply_rotary_reference,
+    gated_rms_norm_reference,
+    rms_norm_reference,
+    swiglu_reference,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "reference", "triton")
@@ -35,6 +40,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Kernel functions by name, with the module that defines them: loaded on first access.
 _LAZY = {
     "rms_norm": "effarch.ops.fused.norm",
+    "gated_rms_norm": "effarch.ops.fused.gated_norm",
     "swiglu": "effarch.ops.fused.glu",
     "swiglu_packed": "effarch.ops.fused.glu",
     "apply_rotary": "effarch.ops.fused.rotary",
@@ -107,6 +113,16 @@ def use_fused(mode: bool | str | None = True) -> _FusedChoice:
     return _FusedChoice(previous)
 
 
+# The gated per-head norm passes the interpreter tests; until its CUDA tests have run on a GPU, the layers use it
+# only with EFFARCH_GATED_NORM_TRITON=1 (besides the switch above).
+GATED_NORM_ON = os.environ.get("EFFARCH_GATED_NORM_TRITON", "0") == "1"
+
+
+def gated_norm_enabled(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether the linear-recurrence layers run their per-head RMSNorm and output gate as one fused kernel."""
+    return GATED_NORM_ON and enabled(device, dtype)
+
+
 # Helpers of the kernel modules -----------------------------------------------------------------------------
 
 
@@ -143,6 +159,9 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_reference",
     "enabled",
+    "gated_norm_enabled",
+    "gated_rms_norm",
+    "gated_rms_norm_reference",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

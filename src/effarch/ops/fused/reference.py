@@ -5,6 +5,8 @@ RMSNorm (Root Mean Square Layer Normalization, arXiv 1910.07467), with the resid
     s = x + residual,   y = s / sqrt(mean(s^2) + eps) * weight   (in float32, cast back)
 SwiGLU gate (GLU Variants Improve Transformer, arXiv 2002.05202):
     y = silu(a) * b
+Gated per-head RMSNorm (the output stage of GLA, DeltaNet, Gated DeltaNet):
+    y = norm(o) * weight * act(gate),   act = silu or sigmoid
 Rotary embedding (RoFormer, arXiv 2104.09864), rotate-half convention, x = (x1, x2) split in halves:
     y = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 """
@@ -27,6 +29,15 @@ def rms_norm_reference(
     if weight is not None:
         y = y * weight.float()
     return y.to(x.dtype)
+
+
+def gated_rms_norm_reference(
+    o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float, activation: str = "silu"
+) -> torch.Tensor:
+    """RMSNorm of o [..., D] times weight [D] times silu(gate) or sigmoid(gate), in float32, cast to o's dtype."""
+    g = gate.float()
+    a = torch.nn.functional.silu(g) if activation == "silu" else torch.sigmoid(g)
+    return (rms_norm_reference(o.float(), weight, eps) * a).to(o.dtype)
 
 
 def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
