@@ -50,3 +50,24 @@ def import_once(namespace: dict, module: str, names: tuple[str, ...]) -> tuple |
         except AttributeError as e:
             namespace["_triton"] = ImportError(str(e))
     return namespace["_triton"]
+
+
+def kernel_or_reference(
+    namespace: dict,
+    load: Callable[[], tuple | ImportError],
+    key: Hashable,
+    first: object,
+    supports_args: tuple,
+    call_args: tuple,
+    reference: Callable[[], R],
+) -> R:
+    """The dispatch of an op whose module holds `AUTO_TRITON` (the switch), `_on_gpu(tensor)` and `_fallback` (a
+    `KernelFallback`), read from `namespace` at each call so tests can replace them: the kernel `load()[0](*call_args)`
+    when the switch is on, `first` is on the GPU and `load()[1](*supports_args)` accepts the call, else `reference()`
+    (also when the kernel cannot be imported or built)."""
+    if not (namespace["AUTO_TRITON"] and namespace["_on_gpu"](first)):
+        return reference()
+    loaded = load()
+    if isinstance(loaded, ImportError) or not loaded[1](*supports_args):
+        return reference()
+    return namespace["_fallback"].run(key, lambda: loaded[0](*call_args), reference)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from effarch.ops.kernel_fallback import KernelFallback, import_once
+from effarch.ops.kernel_fallback import KernelFallback, import_once, kernel_or_reference
 
 _fallback = KernelFallback("causal_conv1d", "the PyTorch convolution")
 
@@ -42,13 +42,11 @@ def causal_conv1d(
     """y [B, T, C] = act(sum_j weight[:, j] x_{t - (W-1-j)} + bias), zero before each sequence's start: from the
     kernel for CUDA tensors it supports when enabled (AUTO_TRITON), else from `reference()` (also when the kernel
     fails to build: reported once per shape)."""
-    if not (AUTO_TRITON and _on_gpu(x)):
-        return reference()
-    loaded = _load()
-    if isinstance(loaded, ImportError) or not loaded[1](x, weight, activation, cu_seqlens):
-        return reference()
     key = (x.shape[-1], weight.shape[-1], x.dtype, weight.dtype, activation, cu_seqlens is None)
-    return _fallback.run(key, lambda: loaded[0](x, weight, bias, activation, cu_seqlens), reference)
+    return kernel_or_reference(
+        globals(), _load, key, x, (x, weight, activation, cu_seqlens), (x, weight, bias, activation, cu_seqlens),
+        reference,
+    )  # fmt: skip
 
 
 __all__ = ["causal_conv1d", "AUTO_TRITON"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from effarch.ops.kernel_fallback import KernelFallback, import_once
+from effarch.ops.kernel_fallback import KernelFallback, import_once, kernel_or_reference
 
 _fallback = KernelFallback("ttt_linear_minibatch", "the PyTorch loop")
 
@@ -43,12 +43,8 @@ def ttt_minibatch(
 ) -> tuple[torch.Tensor, dict]:
     """The read-outs z [B,T,H,K] (before the output LayerNorm) and the new state {W0, c0, W, c} of the
     mini-batch loop: from the kernel for CUDA tensors it supports (see `kernels.triton_supports`) when enabled
-    (AUTO_TRITON), else from
-    `reference()` (also when the kernel fails to build: reported once per shape)."""
-    if not (AUTO_TRITON and _on_gpu(q)):
-        return reference()
-    loaded = _load()
-    if isinstance(loaded, ImportError) or not loaded[1](q, gamma, state, size):
-        return reference()
+    (AUTO_TRITON), else from `reference()` (also when the kernel fails to build: reported once per shape)."""
     key = (tuple(q.shape[2:]), size, q.device.type)
-    return _fallback.run(key, lambda: loaded[0](q, k, target, eta, gamma, beta, state, size), reference)
+    return kernel_or_reference(
+        globals(), _load, key, q, (q, gamma, state, size), (q, k, target, eta, gamma, beta, state, size), reference
+    )
