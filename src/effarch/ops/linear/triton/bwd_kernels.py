@@ -478,7 +478,7 @@ def gla_intra_bwd_kernel(
     gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
     if tl.max(gm - gl, axis=0) <= SPREAD:
         # dq: keys s up to the sub-block's end (dA is zero above the diagonal), split at m
-        mb = (rb < (i + 1) * BC) & ms
+        mb = (rb < (i + 1) * BC) & ms & (rb * 0 + m0 < eos)  # none for a sub-block past the end (G_m read as 0)
         ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
         gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
         ks = ks * tl.exp(tl.where(mb[:, None], gm[None, :] - gs, float("-inf")))
@@ -486,7 +486,7 @@ def gla_intra_bwd_kernel(
                        mask=mi[:, None] & (rb[None, :] <= i * BC + rc[:, None]), other=0.0)  # fmt: skip
         acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
         # dk: queries t from the sub-block's start, split at l
-        ma = (rb >= i * BC) & ms
+        ma = (rb >= i * BC) & ms & (rb * 0 + m0 < eos)
         qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
         gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
         qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gl[None, :], float("-inf")))
@@ -545,6 +545,10 @@ def _gla_intra_bwd_by_columns(q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, 
         col = tl.load(dA + (ri.to(tl.int64) * H + i_h) * BT + i * BC + j, mask=mi & (rc >= j), other=0.0)
         m_row = (rc <= j) & (rc * 0 + s < eos)
         row = tl.load(dA + (s.to(tl.int64) * H + i_h) * BT + i * BC + rc, mask=m_row, other=0.0)
-        acc_q += col[:, None] * kj[None, :] * tl.exp(tl.where((rc >= j)[:, None], gi - gj[None, :], float("-inf")))
+        acc_q += (
+            col[:, None]
+            * kj[None, :]
+            * tl.exp(tl.where((rc >= j)[:, None] & mi[:, None], gi - gj[None, :], float("-inf")))
+        )
         acc_k += row[:, None] * qj[None, :] * tl.exp(tl.where(m_row[:, None], gj[None, :] - gi, float("-inf")))
     return acc_q, acc_k

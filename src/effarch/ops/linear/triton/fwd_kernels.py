@@ -252,7 +252,7 @@ def gla_intra_kernel(
     gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
     if tl.max(gm - gl, axis=0) <= SPREAD:
         rs = t0 + rb
-        ms = (rb < (i + 1) * BC) & (rs < eos)
+        ms = (rb < (i + 1) * BC) & (rs < eos) & (rb * 0 + m0 < eos)  # none for a sub-block past the end (G_m read as 0)
         off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
         ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
         gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
@@ -267,8 +267,10 @@ def gla_intra_kernel(
 @triton.jit
 def _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H: tl.constexpr, K: tl.constexpr,
                           BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DTC: tl.constexpr):  # fmt: skip
-    """`gla_intra_kernel`'s rows of sub-block i when its decay spread is too large for one product."""
+    """`gla_intra_kernel`'s rows of sub-block i when its decay spread is too large for one product. Rows past the
+    sequence's end (G read as 0 there) are masked inside the exponents too, so no exp overflows on them."""
     acc = tl.zeros([BC, BT], dtype=tl.float32)
+    mi = t0 + i * BC + rc < eos
     if i > 0:
         r = t0 + i * BC - 1
         gr = tl.load(G + (r.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + r < eos), other=0.0)
@@ -278,14 +280,14 @@ def _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H: t
         ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
         gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
         ks = ks * tl.exp(tl.where(ms[:, None], gr[None, :] - gs, float("-inf")))
-        acc = mm(qi * tl.exp(gi - gr[None, :]), tl.trans(ks), DTC)
+        acc = mm(qi * tl.exp(tl.where(mi[:, None], gi - gr[None, :], float("-inf"))), tl.trans(ks), DTC)
     for j in range(BC):
         s = t0 + i * BC + j
         off_j = (s.to(tl.int64) * H + i_h) * K + rk
         mj = mk & (rk * 0 + s < eos)  # vector mask: the interpreter rejects scalar ones
         kj = tl.load(k + off_j, mask=mj, other=0.0).to(tl.float32)
         gj = tl.load(G + off_j, mask=mj, other=0.0)
-        e = tl.exp(tl.where(rc[:, None] >= j, gi - gj[None, :], float("-inf")))
+        e = tl.exp(tl.where((rc[:, None] >= j) & mi[:, None], gi - gj[None, :], float("-inf")))
         col = tl.sum(qi * kj[None, :] * e, axis=1)
         acc = tl.where(rb[None, :] == i * BC + j, col[:, None], acc)
     return acc
