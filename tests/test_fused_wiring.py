@@ -120,6 +120,23 @@ def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
     _assert_same(out, ref)
 
 
+def test_delta_rule_unit_heads_fused():
+    """DeltaNet's L2 normalisation of q and k runs as the fused RMSNorm (seen running) and equals F.normalize, values
+    and gradients."""
+    from effarch.layers.mixers.deltanet import unit_heads
+
+    g = torch.Generator().manual_seed(4)
+    t = (torch.randn(2, 9, 3, 32, generator=g) * 3).to(DEV).requires_grad_()
+    dy = torch.randn(2, 9, 3, 32, generator=g).to(DEV)
+    ref = torch.nn.functional.normalize(t, dim=-1)
+    (gref,) = torch.autograd.grad((ref * dy).sum(), t)
+    with fused.use_fused(FORCE), _RecordOps() as on:
+        out = unit_heads(t)
+        (gout,) = torch.autograd.grad((out * dy).sum(), t)
+    assert {"fused_rms_norm_fwd", "fused_rms_norm_bwd"} <= on.names
+    assert rel_err(out, ref) < 1e-5 and rel_err(gout, gref) < 1e-5
+
+
 def test_packed_documents_and_decoding_fused():
     # Packed documents (rotary positions restart per document) and cached decoding (rotary offsets, static
     # KV cache) go through the same kernels.
