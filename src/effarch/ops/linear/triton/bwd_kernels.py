@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from effarch.ops.linear.triton.fwd_kernels import mm
+from effarch.ops.linear.triton.fwd_kernels import chunk_tile, mm
 
 
 @triton.jit
@@ -141,19 +141,9 @@ def dv_local_kernel(
     delta rule's chunk-local part of dU before the reverse state pass adds the rest. Per-key decay reads the
     intra-chunk scores from A. Grid (cdiv(V, BV), NT, H)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0 = tl.load(chunk_tok + i_c)
-    eos = tl.load(chunk_eos + i_c)
-    rb = tl.arange(0, BT)
-    rt = t0 + rb
-    mt = rt < eos
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    mk = rk < K
-    mv = rv < V
-    m_tk = mt[:, None] & mk[None, :]
-    m_tv = mt[:, None] & mv[None, :]
-    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-    off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+    t0, eos, rb, rt, mt, rk, rv, mk, mv, m_tk, m_tv, off_tk, off_tv = chunk_tile(
+        chunk_tok, chunk_eos, i_c, i_h, i_v, H, K, V, BT, BK, BV
+    )
     # transposed scores pT[s, t] (key s, query t), nonzero for t >= s
     causal_t = (rb[:, None] <= rb[None, :]) & mt[None, :]
     kk = tl.load(k + off_tk, mask=m_tk, other=0.0)

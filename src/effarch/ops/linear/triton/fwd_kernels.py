@@ -40,6 +40,28 @@ def mm(a, b, DTC: tl.constexpr):
 
 
 @triton.jit
+def chunk_tile(chunk_tok, chunk_eos, i_c, i_h, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
+    """Indices of chunk i_c, head i_h and value block i_v: (first token, end of its sequence, positions in the
+    chunk, token indices, token mask, key and value indices and masks, [BT, K] and [BT, BV] masks and offsets
+    into the packed [T, H, K] and [T, H, V] tensors)."""
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rb = tl.arange(0, BT)
+    rt = t0 + rb
+    mt = rt < eos
+    rk = tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    m_tk = mt[:, None] & mk[None, :]
+    m_tv = mt[:, None] & mv[None, :]
+    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+    off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+    return t0, eos, rb, rt, mt, rk, rv, mk, mv, m_tk, m_tv, off_tk, off_tv
+
+
+@triton.jit
 def chunk_cumsum_kernel(
     g,
     G,
@@ -398,19 +420,9 @@ def out_fwd_kernel(
     pseudo-value U for the delta rule; A holds the intra-chunk scores for per-key decay. Grid
     (cdiv(V, BV), NT, H)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0 = tl.load(chunk_tok + i_c)
-    eos = tl.load(chunk_eos + i_c)
-    rb = tl.arange(0, BT)
-    rt = t0 + rb
-    mt = rt < eos
-    rk = tl.arange(0, BK)
-    rv = i_v * BV + tl.arange(0, BV)
-    mk = rk < K
-    mv = rv < V
-    m_tk = mt[:, None] & mk[None, :]
-    m_tv = mt[:, None] & mv[None, :]
-    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-    off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+    t0, eos, rb, rt, mt, rk, rv, mk, mv, m_tk, m_tv, off_tk, off_tv = chunk_tile(
+        chunk_tok, chunk_eos, i_c, i_h, i_v, H, K, V, BT, BK, BV
+    )
     qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
     S0 = tl.load(
         hbuf + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :],
