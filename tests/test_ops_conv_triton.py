@@ -84,6 +84,26 @@ def test_packed_sequences_do_not_see_each_other(bias):
     assert torch.allclose(y[0, 50], first, atol=1e-6)
 
 
+def test_layer_tails_from_a_fresh_start():
+    """The tail a fresh call hands on is the last W-1 inputs after zeros, for empty, short and long inputs, with and
+    without gradients; continuing from it equals one call over the whole sequence."""
+    torch.manual_seed(1)
+    conv = ShortConvolution(8, 4)
+    x = torch.randn(2, 7, 8)
+    for T in (0, 2, 7):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y, tail = conv(x[:, :T])
+            assert y.shape == (2, T, 8) and tail.shape == (2, 3, 8)
+            expect = torch.cat([torch.zeros(2, 3, 8), x[:, :T]], dim=1)[:, -3:]
+            assert torch.equal(tail, expect)
+    with torch.no_grad():
+        whole, _ = conv(x)
+        first, tail = conv(x[:, :4])
+        rest, _ = conv(x[:, 4:], tail)
+    assert torch.allclose(torch.cat([first, rest], dim=1), whole, atol=1e-6)
+
+
 def test_supports():
     x, w, _ = make(2, 8, 16, 4, False)
     assert not triton_supports(x, w, "gelu", None)

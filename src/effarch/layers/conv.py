@@ -128,7 +128,7 @@ class ShortConvolution(nn.Module):
             )
             W = self.kernel_size
             return y, (fresh_tail(x, W) if cu_seqlens is None else packed_tails(x, cu_seqlens, W))
-        if torch.is_grad_enabled() and self.causal and cu_seqlens is None:
+        if torch.is_grad_enabled() and self.causal and cu_seqlens is None and tail is not None:
             # training from a carried tail: the last W-1 of tail + x
             return recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
         return self._conv_act_tail(x, tail, cu_seqlens)
