@@ -45,15 +45,19 @@ def _pre(x, w, b, start, base, u, su, rc, mu, mc, T, C: tl.constexpr, W: tl.cons
 
 
 @triton.jit
+def _tile(i_t, i_c, i_b, T, C: tl.constexpr, BTk: tl.constexpr, BCk: tl.constexpr):
+    """Token and channel indices of a program's tile, their masks, and the offset of its sequence row."""
+    rt = i_t * BTk + tl.arange(0, BTk)
+    rc = i_c * BCk + tl.arange(0, BCk)
+    return rt, rc, rt < T, rc < C, i_b.to(tl.int64) * T * C
+
+
+@triton.jit
 def conv_fwd_kernel(x, w, b, start, y, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr, BCk: tl.constexpr,
                     HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
     """y = act(pre) for BT tokens x BC channels of one sequence row. Grid (cdiv(T, BT), cdiv(C, BC), B)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rt = i_t * BTk + tl.arange(0, BTk)
-    rc = i_c * BCk + tl.arange(0, BCk)
-    mt = rt < T
-    mc = rc < C
-    base = i_b.to(tl.int64) * T * C
+    rt, rc, mt, mc, base = _tile(i_t, i_c, i_b, T, C, BTk, BCk)
     if PACKED:
         st = tl.load(start + rt, mask=mt, other=0)
     else:
@@ -71,11 +75,7 @@ def conv_bwd_kernel(x, w, b, start, dy, dx, dwp, dbp, T, C: tl.constexpr, W: tl.
     """dx for BT tokens x BC channels, and this block's share of dw [C, W] and db [C] (rows of dwp, dbp).
     Grid (cdiv(T, BT), cdiv(C, BC), B)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rt = i_t * BTk + tl.arange(0, BTk)
-    rc = i_c * BCk + tl.arange(0, BCk)
-    mt = rt < T
-    mc = rc < C
-    base = i_b.to(tl.int64) * T * C
+    rt, rc, mt, mc, base = _tile(i_t, i_c, i_b, T, C, BTk, BCk)
     blk = (i_b * tl.num_programs(0) + i_t).to(tl.int64)
     dxa = tl.zeros([BTk, BCk], dtype=tl.float32)
     for d in tl.static_range(W):  # outputs u = t + d read x_t through tap W-1-d
