@@ -105,17 +105,6 @@ def parse_ints(text: str, name: str) -> list[int]:
     return values
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """ "16x2048,4x8192" -> [(16, 2048), (4, 8192)]: batch x sequence length."""
-    shapes = []
-    for part in text.split(","):
-        b, _, t = part.strip().partition("x")
-        if not (b.isdigit() and t.isdigit() and int(b) > 0 and int(t) > 0):
-            raise SystemExit(f"--shapes {text!r} must be a comma-separated list of BATCHxLENGTH, e.g. 16x2048,1x32768")
-        shapes.append((int(b), int(t)))
-    return shapes
-
-
 def tokens(n: int) -> str:
     """A token count as the tables show it: 512, 2K, 32K."""
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)

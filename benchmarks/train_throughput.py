@@ -16,8 +16,8 @@ import argparse
 import json
 
 import torch
-from peers import device_and_dtype, free_cuda_memory, parse_shapes, peer_size, tokens, train_peers
-from results import append_section, environment
+from peers import device_and_dtype, free_cuda_memory, peer_size, tokens, train_peers
+from results import append_section, environment, parse_shapes
 
 from effarch import build_model
 from effarch.benchmarking import measure_train_step

@@ -16,21 +16,10 @@ import os
 import time
 
 import torch
-from results import environment
+from results import environment, parse_shapes
 
 import effarch.ops.ttt as ttt_dispatch
 from effarch.layers.mixers.ttt import TTTLinear
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    shapes = []
-    for part in (s for s in text.split(",") if s.strip()):
-        fields = part.lower().split("x")
-        if len(fields) != 2 or not all(f.strip().isdigit() and int(f) > 0 for f in fields):
-            raise SystemExit(f"--shapes {text!r}: expected BATCHxTOKENS pairs of positive integers, e.g. 1x4096,8x2048")
-        shapes.append((int(fields[0]), int(fields[1])))
-    return shapes
-
 
 KERNEL_CALLS = [0]
 
@@ -81,7 +70,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    shapes = parse_shapes(args.shapes)
+    shapes = parse_shapes(args.shapes, fields="BATCHxTOKENS", example="1x4096,8x2048")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible; use --device cpu (under TRITON_INTERPRET=1)")

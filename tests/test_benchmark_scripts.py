@@ -125,14 +125,6 @@ def test_scan_ops_script(tmp_path):
     assert all(x["fwd_ms"] > 0 and x["fwd_bwd_ms"] > 0 for x in data["rows"])
 
 
-def test_scan_ops_bad_options(tmp_path):
-    r = subprocess.run(
-        [sys.executable, str(BENCH / "scan_ops.py"), "--device", "cpu", "--T", "64,x"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert r.returncode != 0 and "must be comma-separated integers" in r.stderr and "Traceback" not in r.stderr
-
-
 def test_profile_step_script(tmp_path):
     out = tmp_path / "profile.json"
     r = subprocess.run(
@@ -166,9 +158,34 @@ def test_ttt_prefill_script(tmp_path):
     assert all(x["kernel_calls"] > 0 and x["loop_ms"] > 0 and x["kernel_ms"] > 0 and x["rel_diff"] < 1e-5 for x in rows)
 
 
-def test_ttt_prefill_bad_shapes(tmp_path):
+def test_conv_ops_script(tmp_path):
+    """Every path at a small shape under the interpreter: the kernels' output and gradients equal the PyTorch form's,
+    and nothing is written to RESULTS.md without a GPU even with --write."""
+    out = tmp_path / "conv.json"
+    before = _digest(RESULTS)
     r = subprocess.run(
-        [sys.executable, str(BENCH / "ttt_prefill.py"), "--device", "cpu", "--shapes", "1x40,banana"],
+        [sys.executable, str(BENCH / "conv_ops.py"), "--device", "cpu", "--shapes", "2x40x24,1x70x8", "--json", str(out),
+         "--write"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _digest(RESULTS) == before
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["B"], x["T"], x["C"]) for x in rows] == [(2, 40, 24), (1, 70, 8)]
+    assert all(x["triton_err"] < 1e-5 and x["triton_fwd_ms"] > 0 and x["triton_fwdbwd_ms"] > 0 for x in rows)
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("scan_ops", ["--T", "64,x"], "must be comma-separated integers"),
+        ("ttt_prefill", ["--shapes", "1x40,banana"], "list of BATCHxTOKENS (positive"),
+        ("conv_ops", ["--shapes", "2x40"], "list of BATCHxTOKENSxCHANNELS"),
+    ],
+)
+def test_op_scripts_bad_options(tmp_path, script, args, message):
+    r = subprocess.run(
+        [sys.executable, str(BENCH / f"{script}.py"), "--device", "cpu", *args],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert r.returncode != 0 and "expected BATCHxTOKENS" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr

@@ -85,7 +85,11 @@ def _assert_same(a, b):
     "preset,expected",
     [
         ("transformer:debug", FUSED_OPS),
-        ("gated-deltanet:debug", FUSED_OPS - {"fused_rotary"}),  # no rotary in Gated DeltaNet
+        # no rotary in Gated DeltaNet; its per-head norm and output gate run fused
+        (
+            "gated-deltanet:debug",
+            FUSED_OPS - {"fused_rotary"} | {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"},
+        ),
     ],
 )
 def test_model_fused_equals_pytorch(preset, expected):
@@ -103,13 +107,14 @@ def test_model_fused_equals_pytorch(preset, expected):
 
 @pytest.mark.parametrize("preset", ["gated-deltanet:debug", "gla:debug"])
 def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
-    """With EFFARCH_GATED_NORM_TRITON's flag on, the linear layers' per-head RMSNorm and SiLU gate run as the
-    fused kernel (seen running) and the model equals its PyTorch path; off, the kernel is not used."""
+    """With EFFARCH_GATED_NORM_TRITON's flag on (the default), the linear layers' per-head RMSNorm and SiLU gate run
+    as the fused kernel (seen running) and the model equals its PyTorch path; off, the kernel is not used."""
     torch.manual_seed(0)
     model = build_model(preset).to(DEV)
     ids = torch.randint(0, 260, (2, 13), device=DEV)
     with fused.use_fused(False):
         ref = _run(model, ids)
+    monkeypatch.setattr(fused, "GATED_NORM_ON", False)
     with fused.use_fused(FORCE), _RecordOps() as off:
         _run(model, ids)
     monkeypatch.setattr(fused, "GATED_NORM_ON", True)
@@ -226,6 +231,18 @@ def test_environment_variable_read_at_import():
     code = "import torch, effarch; from effarch.ops import fused; print(fused.enabled('cuda', torch.float32))"
     for value, expected in (("0", "False"), ("1", str(fused.HAS_TRITON))):
         env = {**os.environ, fused.ENV_VAR: value}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == expected
+
+
+def test_conv_and_gated_norm_switches_default_on():
+    """The short-conv kernel and the gated per-head norm are on unless their variables say 0."""
+    code = "from effarch.ops import conv, fused; print(conv.AUTO_TRITON, fused.GATED_NORM_ON)"
+    for value, expected in ((None, "True True"), ("0", "False False"), ("1", "True True")):
+        env = {k: v for k, v in os.environ.items() if k not in ("EFFARCH_CONV_TRITON", "EFFARCH_GATED_NORM_TRITON")}
+        if value is not None:
+            env.update(EFFARCH_CONV_TRITON=value, EFFARCH_GATED_NORM_TRITON=value)
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == expected

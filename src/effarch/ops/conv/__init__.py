@@ -18,9 +18,9 @@ from effarch.ops.kernel_fallback import KernelFallback, import_once, kernel_or_r
 
 _fallback = KernelFallback("causal_conv1d", "the PyTorch convolution")
 
-# Passes the interpreter tests; until its CUDA tests have run on a GPU, layers use it only with
-# EFFARCH_CONV_TRITON=1 (`causal_conv1d_triton` runs it directly).
-AUTO_TRITON = os.environ.get("EFFARCH_CONV_TRITON", "0") == "1"
+# Layers use the kernel on CUDA; EFFARCH_CONV_TRITON=0 keeps the PyTorch convolution (`causal_conv1d_triton` runs
+# the kernel directly either way).
+AUTO_TRITON = os.environ.get("EFFARCH_CONV_TRITON", "1") != "0"
 
 
 def _on_gpu(x: torch.Tensor) -> bool:

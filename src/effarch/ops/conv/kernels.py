@@ -2,9 +2,11 @@
 
     pre_t = sum_j w_j x_{t-(W-1-j)} + b,   y_t = act(pre_t),   x_s = 0 before the start of t's sequence,
 
-w [C, W] (w[:, W-1] multiplies the current token). The backward recomputes pre from x (nothing but x is saved):
-    dx_t = sum_d w_{W-1-d} dz_{t+d} over t+d in t's sequence,   dz = dy act'(pre),
-    dw_j = sum_t dz_t x_{t-(W-1-j)},   db = sum_t dz_t   (per block of tokens, then summed).
+w [C, W] (w[:, W-1] multiplies the current token). The backward recomputes pre from x (nothing but x is saved) in
+two passes: the first writes dz = dy act'(pre) and each token block's share of
+    dw_j = sum_t dz_t x_{t-(W-1-j)},   db = sum_t dz_t   (summed over the blocks afterwards);
+the second reads dz back: dx_t = sum_d w_{W-1-d} dz_{t+d} over t+d in t's sequence. (One kernel recomputing the W
+shifted pre-activations of every output it reads took 1.7-2.6x as long on an H200: benchmarks/conv_ops.py.)
 Packed sequences (B = 1 with cu_seqlens) pass each token's sequence start [T] int32.
 """
 
@@ -18,9 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
-BT, BC = 64, 64  # tokens and channels per program, forward
-BT_BWD, BWD_WARPS = 32, 8  # backward: it recomputes W shifted pre-activations per tile (64 x 64 at 4 warps spilled)
+BT, BC = 64, 64  # tokens and channels per program
 MAX_WIDTH = 8
+DZ_WARPS = 8  # the backward's dz pass at 64 x 64 tiles (4 warps spill registers there)
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -70,46 +72,55 @@ def conv_fwd_kernel(x, w, b, start, y, T, C: tl.constexpr, W: tl.constexpr, BTk:
 
 
 @triton.jit
-def conv_bwd_kernel(x, w, b, start, dy, dx, dwp, dbp, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr,
-                    BCk: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
-    """dx for BT tokens x BC channels, and this block's share of dw [C, W] and db [C] (rows of dwp, dbp).
-    Grid (cdiv(T, BT), cdiv(C, BC), B)."""
+def conv_dz_kernel(x, w, b, start, dy, dz, dwp, dbp, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr,
+                   BCk: tl.constexpr, HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, ACT: tl.constexpr):  # fmt: skip
+    """Backward, first pass: dz = dy act'(pre) for BT tokens x BC channels (written when ACT; without an
+    activation dz is dy) and this block's share of dw [C, W] and db [C]. Grid (cdiv(T, BT), cdiv(C, BC), B)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rt, rc, mt, mc, base = _tile(i_t, i_c, i_b, T, C, BTk, BCk)
     blk = (i_b * tl.num_programs(0) + i_t).to(tl.int64)
+    if PACKED:
+        st = tl.load(start + rt, mask=mt, other=0)
+    else:
+        st = rt * 0
+    off = base + rt.to(tl.int64)[:, None] * C + rc[None, :]
+    g = tl.load(dy + off, mask=mt[:, None] & mc[None, :], other=0.0).to(tl.float32)
+    if ACT:
+        pre = _pre(x, w, b, start, base, rt, st, rc, mt, mc, T, C, W, BTk, BCk, HAS_BIAS)
+        sg = tl.sigmoid(pre)
+        g = g * sg * (1.0 + pre * (1.0 - sg))
+        tl.store(dz + off, g.to(dz.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+    for j in tl.static_range(W):
+        s = rt - (W - 1 - j)
+        ok = mt & (s >= st)
+        xs = tl.load(x + base + s.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :], other=0.0)
+        tl.store(dwp + (blk * C + rc) * W + j, tl.sum(g * xs.to(tl.float32), axis=0), mask=mc)
+    if HAS_BIAS:
+        tl.store(dbp + blk * C + rc, tl.sum(g, axis=0), mask=mc)
+
+
+@triton.jit
+def conv_dx_kernel(dz, w, start, dx, T, C: tl.constexpr, W: tl.constexpr, BTk: tl.constexpr, BCk: tl.constexpr,
+                   PACKED: tl.constexpr):  # fmt: skip
+    """Backward, second pass: dx_t = sum_d w_{W-1-d} dz_{t+d} over t+d in t's sequence. Grid as the first."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rt, rc, mt, mc, base = _tile(i_t, i_c, i_b, T, C, BTk, BCk)
     dxa = tl.zeros([BTk, BCk], dtype=tl.float32)
-    for d in tl.static_range(W):  # outputs u = t + d read x_t through tap W-1-d
+    for d in tl.static_range(W):
         u = rt + d
         mu = u < T
         if PACKED:
-            su = tl.load(start + u, mask=mu, other=0)
-            mu = mu & (su <= rt)  # u in t's sequence
-        else:
-            su = u * 0
-        g = tl.load(dy + base + u.to(tl.int64)[:, None] * C + rc[None, :], mask=mu[:, None] & mc[None, :], other=0.0)
-        g = g.to(tl.float32)
-        if ACT:
-            pre = _pre(x, w, b, start, base, u, su, rc, mu, mc, T, C, W, BTk, BCk, HAS_BIAS)
-            sg = tl.sigmoid(pre)
-            g = g * sg * (1.0 + pre * (1.0 - sg))
+            mu = mu & (tl.load(start + u, mask=mu, other=0) <= rt)  # u in t's sequence
+        g = tl.load(dz + base + u.to(tl.int64)[:, None] * C + rc[None, :], mask=mu[:, None] & mc[None, :], other=0.0)
         wd = tl.load(w + rc * W + (W - 1 - d), mask=mc, other=0.0).to(tl.float32)
-        dxa += g * wd[None, :]
-        if d == 0:  # u = t: this block's dw and db
-            for j in tl.static_range(W):
-                s = rt - (W - 1 - j)
-                ok = mt & (s >= su)
-                xs = tl.load(x + base + s.to(tl.int64)[:, None] * C + rc[None, :], mask=ok[:, None] & mc[None, :],
-                             other=0.0)  # fmt: skip
-                tl.store(dwp + (blk * C + rc) * W + j, tl.sum(g * xs.to(tl.float32), axis=0), mask=mc)
-            if HAS_BIAS:
-                tl.store(dbp + blk * C + rc, tl.sum(g, axis=0), mask=mc)
+        dxa += g.to(tl.float32) * wd[None, :]
     off = base + rt.to(tl.int64)[:, None] * C + rc[None, :]
     tl.store(dx + off, dxa.to(dx.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
 
-def _launch_args(x: Tensor, bias: Tensor | None, start: Tensor | None, bt: int):
+def _launch_args(x: Tensor, bias: Tensor | None, start: Tensor | None):
     B, T, C = x.shape
-    grid = (triton.cdiv(T, bt), triton.cdiv(C, BC), B)
+    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
     return grid, (x if bias is None else bias), (x if start is None else start)
 
 
@@ -118,7 +129,7 @@ def conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | 
     """x [B, T, C] contiguous, weight [C, W] contiguous, bias [C] or None, start [T] int32 or None -> y [B, T, C]."""
     B, T, C = x.shape
     y = _empty(B, T, C, dtype=x.dtype, device=x.device)
-    grid, b, st = _launch_args(x, bias, start, BT)
+    grid, b, st = _launch_args(x, bias, start)
     conv_fwd_kernel[grid](x, weight, b, st, y, T, C, weight.shape[1], BT, BC, bias is not None, start is not None, act)
     return y
 
@@ -135,13 +146,16 @@ def conv_bwd_op(
     """(dx [B, T, C], dw [C, W] in weight's dtype, db [C] in bias's dtype or an empty tensor)."""
     B, T, C = x.shape
     W = weight.shape[1]
-    grid, b, st = _launch_args(x, bias, start, BT_BWD)
+    grid, b, st = _launch_args(x, bias, start)
     nblk = grid[0] * B
     dx = _empty(B, T, C, dtype=x.dtype, device=x.device)
     dwp = _empty(nblk, C, W, dtype=torch.float32, device=x.device)
     dbp = _empty(nblk, C, dtype=torch.float32, device=x.device) if bias is not None else dwp
-    conv_bwd_kernel[grid](x, weight, b, st, dy, dx, dwp, dbp, T, C, W, BT_BWD, BC, bias is not None, start is not None,
-                          act, num_warps=BWD_WARPS, num_stages=1)  # fmt: skip
+    # dz in dy's dtype, as PyTorch's SiLU backward hands it to the convolution's
+    dz = _empty(B, T, C, dtype=dy.dtype, device=x.device) if act else dy
+    conv_dz_kernel[grid](x, weight, b, st, dy, dz, dwp, dbp, T, C, W, BT, BC, bias is not None, start is not None,
+                         act, num_warps=DZ_WARPS)  # fmt: skip
+    conv_dx_kernel[grid](dz, weight, st, dx, T, C, W, BT, BC, start is not None)
     dw = dwp.sum(0).to(weight.dtype)
     db = dbp.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dw, db

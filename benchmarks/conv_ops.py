@@ -1,0 +1,130 @@
+"""Causal depthwise short convolution + SiLU on [B, T, C]: the Triton kernels against the PyTorch form.
+
+Times the forward and the forward+backward (median of CUDA-event timings) of `effarch.layers.conv.short_conv` +
+SiLU (PyTorch: transposes, a zero tail, F.conv1d) and of the Triton kernels (the backward: a dz pass with the weight
+gradient, then a dx pass). Prints milliseconds and the GB/s of the minimum traffic (forward: read x, write y;
+backward: read x and dy, write dx), and the largest relative difference of every result (output and the three
+gradients) from the float32 PyTorch form. On the CPU it is a smoke run of every path under TRITON_INTERPRET=1 at a small shape.
+Usage: python benchmarks/conv_ops.py [--shapes 4x8192x2048,4x8192x1024] [--width 4] [--device cuda|cpu]
+       [--json PATH] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from results import append_section, environment, parse_shapes
+
+import effarch.ops.conv.kernels as K
+from effarch.layers.conv import short_conv
+
+
+def median_ms(fn, device: torch.device, repeat: int = 20) -> float:
+    if device.type != "cuda":  # a smoke timing
+        t0 = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - t0)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def measure(B: int, T: int, C: int, W: int, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, T, C, generator=g).to(device, dtype)
+    w = (torch.randn(C, W, generator=g) / W**0.5).to(device, dtype)
+    b = (0.1 * torch.randn(C, generator=g)).to(device, dtype)
+    dy = torch.randn(B, T, C, generator=g).to(device, dtype)
+
+    def torch_form(xx, ww, bb):
+        return F.silu(short_conv(xx, ww, bb)[0])
+
+    # float32 truth
+    xr, wr, br = (t.float().requires_grad_() for t in (x, w, b))
+    yr = torch_form(xr, wr, br)
+    truth = [yr, *torch.autograd.grad(yr, (xr, wr, br), dy.float())]
+
+    def grads(fn):
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fn(xx, ww, bb)
+        return [y, *torch.autograd.grad(y, (xx, ww, bb), dy)]
+
+    def kernel_form(xx, ww, bb):
+        return K.conv_fwd_op(xx, ww, bb, None, True)
+
+    row = {"B": B, "T": T, "C": C, "W": W, "dtype": str(dtype).replace("torch.", "")}
+    gb = x.numel() * x.element_size() / 1e9
+    for name, fn in (("pytorch", torch_form), ("triton", kernel_form)):
+        out = grads(fn)
+        row[f"{name}_err"] = max(rel(o, r) for o, r in zip(out, truth, strict=True))
+        leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
+        with torch.no_grad():
+            row[f"{name}_fwd_ms"] = median_ms(lambda fn=fn: fn(x, w, b), device)
+        row[f"{name}_fwdbwd_ms"] = median_ms(lambda fn=fn, p=leaves: torch.autograd.grad(fn(*p), p, dy), device)
+    row["triton_bwd_ms"] = row["triton_fwdbwd_ms"] - row["triton_fwd_ms"]  # backward alone
+    row["bwd_gbs"] = 3 * gb / row["triton_bwd_ms"] * 1e3
+    row["fwd_gbs"] = 2 * gb / row["triton_fwd_ms"] * 1e3
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| B x T x C | PyTorch fwd / fwd+bwd ms | Triton fwd / fwd+bwd ms | Triton fwd / bwd GB/s "
+        "| max rel. diff PyTorch / Triton |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['B']} x {r['T']} x {r['C']} | {r['pytorch_fwd_ms']:.3f} / {r['pytorch_fwdbwd_ms']:.3f} "
+            f"| {r['triton_fwd_ms']:.3f} / {r['triton_fwdbwd_ms']:.3f} | {r['fwd_gbs']:.0f} / {r['bwd_gbs']:.0f} "
+            f"| {r['pytorch_err']:.1e} / {r['triton_err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4x8192x2048,4x8192x1024,1x32768x4096")
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p.add_argument("--json", default=None)
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = p.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto" and not torch.cuda.is_available():
+        device = torch.device("cpu")
+    if not 1 <= args.width <= K.MAX_WIDTH:
+        raise SystemExit(f"--width {args.width}: the kernels take widths 1 to {K.MAX_WIDTH}")
+    rows = []
+    for B, T, C in parse_shapes(args.shapes, fields="BATCHxTOKENSxCHANNELS", example="4x8192x2048"):
+        rows.append(measure(B, T, C, args.width, device))
+        print(json.dumps(rows[-1]), flush=True)
+    body = table(rows)
+    print(body)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+    if args.write and device.type == "cuda":
+        append_section("Short convolution + SiLU: Triton kernels against the PyTorch form", body)
+
+
+if __name__ == "__main__":
+    main()
