@@ -6,7 +6,8 @@ kernel launches, not by the GPU. This measures `effarch.train.train` both ways o
 mean loss of the last 10 steps, which must agree.
 `--breakdown` (CUDA) splits a graphed step's steady state instead: the GPU time of one replay (CUDA events),
 the host's batch preparation alone, and the whole step as the training loop runs it (prepare, copy, replay,
-read the loss), each a median over `--steps` steps after the capture.
+read the loss), each a median over `--steps` steps after the capture; once with the head over every position
+(ignored ones masked) and once over the graded positions alone, as training captures it.
 Usage: python benchmarks/arena_step.py [--archs transformer,gated-deltanet,...] [--steps 100] [--breakdown]
        [--batch 512] [--length 64] [--write]
 """
@@ -32,6 +33,8 @@ from effarch.train import (
     TrainConfig,
     _device_batch,
     _forward_backward,
+    _host_batch,
+    graph_rows,
     make_optimizer,
     train,
 )
@@ -63,8 +66,9 @@ def run(spec: str, batches, args, graph: bool) -> dict:
     }
 
 
-def breakdown(spec: str, batches, args) -> dict:
-    """Steady-state parts of a graphed step (see the module docstring); ms, medians over args.steps."""
+def breakdown(spec: str, batches, args, scored_rows: bool) -> dict:
+    """Steady-state parts of a graphed step (see the module docstring); ms, medians over args.steps. With
+    `scored_rows` the step builds the head's logits for the graded positions alone, as training does."""
     arch = parse_arch(spec, args.size, args.size)
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -81,8 +85,8 @@ def breakdown(spec: str, batches, args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     torch.cuda.current_stream(device).wait_stream(side)
-    inputs, targets = _device_batch(batches, GRAPH_WARMUP_STEPS, cfg, device)
-    step = GraphedStep(model, optimizer, cfg, device, inputs, targets)
+    inputs, targets = _host_batch(batches, GRAPH_WARMUP_STEPS, cfg, device)
+    step = GraphedStep(model, optimizer, cfg, device, inputs, targets, graph_rows(targets) if scored_rows else None)
     replay, prepare, whole = [], [], []
     for _ in range(args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -98,12 +102,13 @@ def breakdown(spec: str, batches, args) -> dict:
         prepare.append(1e3 * (time.perf_counter() - t))
     for i in range(args.steps):
         t = time.perf_counter()
-        inputs, targets = _device_batch(batches, i, cfg, device)
+        inputs, targets = _host_batch(batches, i, cfg, device)
         float(step(inputs, targets, 1e-3))
         whole.append(1e3 * (time.perf_counter() - t))
     step.release()
     return {
         "arch": spec,
+        "scored_rows": step.rows,
         "replay_gpu_ms": statistics.median(replay),
         "prepare_ms": statistics.median(prepare),
         "step_ms": statistics.median(whole),
@@ -129,16 +134,20 @@ def main():
     if args.breakdown:
         if not torch.cuda.is_available():
             raise SystemExit("arena_step.py --breakdown times CUDA-graph replays: it needs a CUDA GPU")
-        lines = ["| arch | replay GPU ms | batch prep ms | whole step ms | tokens/step |", "|---|---|---|---|---|"]
+        lines = [
+            "| arch | head rows | replay GPU ms | batch prep ms | whole step ms | tokens/step |",
+            "|---|---|---|---|---|---|",
+        ]
         rows = []
         for spec in specs:
-            r = breakdown(spec, batches, args)
-            rows.append(r)
-            lines.append(
-                f"| {spec} | {r['replay_gpu_ms']:.2f} | {r['prepare_ms']:.2f} | {r['step_ms']:.2f} | "
-                f"{r['tokens_per_step']:,} |"
-            )
-            print(lines[-1], flush=True)
+            for scored in (False, True):
+                r = breakdown(spec, batches, args, scored)
+                rows.append(r)
+                lines.append(
+                    f"| {spec} | {r['scored_rows'] or 'all'} | {r['replay_gpu_ms']:.2f} | {r['prepare_ms']:.2f} | "
+                    f"{r['step_ms']:.2f} | {r['tokens_per_step']:,} |"
+                )
+                print(lines[-1], flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"env": environment(), "rows": rows}, f, indent=2)

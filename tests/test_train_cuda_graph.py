@@ -96,8 +96,8 @@ def test_a_step_that_cannot_be_captured_trains_eagerly(monkeypatch):
     eager, _ = _run("transformer", "debug", "cuda", graph=False, steps=GRAPH_WARMUP_STEPS + 3)
     real = trainer.loss_fn
 
-    def syncing_loss(model, inputs, targets):
-        loss, aux = real(model, inputs, targets)
+    def syncing_loss(model, inputs, targets, target_index=None):
+        loss, aux = real(model, inputs, targets, target_index)
         float(loss.detach())  # a device-to-host read: illegal while capturing
         return loss, aux
 
@@ -114,3 +114,49 @@ def _run_quiet(spec: str, steps: int):
         steps=steps, batch_size=16, seq_len=64, lr=2e-3, warmup_steps=2, device="cuda", progress=False, cuda_graph=True
     )
     return train(model, _batches(), cfg), model
+
+
+class _GrowingAnswers:
+    """MQAR batches whose later steps grade more positions than the first captured one had room for."""
+
+    def __init__(self):
+        self.x, self.y = mqar(256, 64, 8, vocab_size=512, seed=2)
+
+    def get(self, step: int, batch_size: int, seed: int = 0):
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size) % self.x.shape[0]
+        y = self.y[rows].clone()
+        if step < GRAPH_WARMUP_STEPS + 2:  # one answer per row, then all eight
+            kept = (y != -100).cumsum(1) <= 1
+            y[~kept] = -100
+        return self.x[rows], y
+
+
+@needs_cuda
+def test_graph_step_captures_again_for_more_scored_positions(monkeypatch):
+    """The captured step scores a fixed number of rows (32 answers: room for 128); a batch with more (256) is
+    captured again, and training matches the eager run throughout."""
+    import effarch.train as trainer
+
+    steps = GRAPH_WARMUP_STEPS + 6
+    captured = []
+
+    class Counted(trainer.GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            captured.append(self.rows)
+
+    monkeypatch.setattr(trainer, "GraphedStep", Counted)
+
+    def run(graph: bool):
+        torch.manual_seed(0)
+        model = build_model(task_config(preset_config("transformer:debug"), 512, 64))
+        cfg = TrainConfig(steps=steps, batch_size=32, seq_len=64, lr=2e-3, warmup_steps=2, device="cuda",
+                          progress=False, cuda_graph=graph)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return train(model, _GrowingAnswers(), cfg)
+
+    eager, graphed = run(False), run(True)
+    assert captured == [128, 384]
+    assert len(graphed.losses) == steps
+    assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)

@@ -51,6 +51,9 @@ class TrainConfig:
     # bound by kernel launches, and a replay launches the whole step at once. CUDA only, grad_accum 1, fixed
     # batch shapes; a model that cannot be captured trains eagerly (with a warning).
     cuda_graph: bool = False
+    # In a captured step, build the head's logits only for the positions the batch scores when they are at most
+    # half of them (tasks that grade a few answers per sequence); False scores every position, ignored ones masked.
+    graph_scored_rows: bool = True
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints")
@@ -117,9 +120,13 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None, capturable=capturable)
 
 
-def loss_fn(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(task loss, aux loss). Cross-entropy over targets != -100, in float32, without full logits."""
-    out = model(inputs, targets=targets, return_logits=False)
+def loss_fn(
+    model, inputs: torch.Tensor, targets: torch.Tensor, target_index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(task loss, aux loss). Cross-entropy over targets != -100, in float32, without full logits. With
+    `target_index`, targets are 1-D: the targets of those flat positions (see CausalLM.forward)."""
+    extra = {} if target_index is None else {"target_index": target_index}
+    out = model(inputs, targets=targets, return_logits=False, **extra)
     loss = out.loss
     aux = out.aux_loss if isinstance(out.aux_loss, torch.Tensor) else torch.zeros((), device=loss.device)
     return loss, aux
@@ -253,12 +260,28 @@ class GraphedStep:
     captured step is the eager one: same loss, clipping and fused AdamW, with the autocast weight cache off.
     """
 
-    def __init__(self, model, optimizer, cfg: TrainConfig, device: torch.device, inputs, targets):
+    def __init__(self, model, optimizer, cfg: TrainConfig, device: torch.device, inputs, targets, rows=None):
+        """`rows`: score at most this many positions per batch, through the head for those rows alone (see
+        `scored_rows`); a batch with more raises `TooManyScoredRows`. None scores every position (ignored ones
+        masked)."""
         self.optimizer = optimizer
+        self.rows = rows
         self.inputs = torch.empty_like(inputs, device=device)
         self.targets = torch.empty_like(targets, device=device)
-        self.inputs.copy_(inputs)
-        self.targets.copy_(targets)
+        self.index = torch.zeros(rows or 0, dtype=torch.long, device=device)
+        self.row_targets = torch.full((rows or 0,), -100, dtype=torch.long, device=device)
+        self._load(inputs, targets)
+        step_targets, index = (self.targets, None) if rows is None else (self.row_targets, self.index)
+
+        def forward_backward():
+            return _forward_backward(model, self.inputs, step_targets, cfg, device, False, target_index=index)
+
+        if rows is not None:  # the scored-rows path once outside the capture: kernels built, workspaces allocated
+            current, warm = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+            warm.wait_stream(current)
+            with torch.cuda.stream(warm):
+                forward_backward()
+            current.wait_stream(warm)
         for group in optimizer.param_groups:  # the graph reads the learning rate from device memory
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
@@ -266,7 +289,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(self.graph):
-                self.loss = _forward_backward(model, self.inputs, self.targets, cfg, device, cache_enabled=False)
+                self.loss = forward_backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -281,12 +304,20 @@ class GraphedStep:
                 f"a CUDA-graph step needs batches of one shape: captured {tuple(self.inputs.shape)}, "
                 f"got {tuple(inputs.shape)} (train with cuda_graph=False for varying shapes)"
             )
-        self.inputs.copy_(inputs, non_blocking=True)
-        self.targets.copy_(targets, non_blocking=True)
+        self._load(inputs, targets)
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)
         self.graph.replay()
         return self.loss
+
+    def _load(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs.copy_(inputs, non_blocking=True)
+        if self.rows is None:
+            self.targets.copy_(targets, non_blocking=True)
+            return
+        index, row_targets = pack_scored_rows(targets, self.rows)
+        self.index.copy_(index, non_blocking=True)
+        self.row_targets.copy_(row_targets, non_blocking=True)
 
     def release(self) -> None:
         """Give the optimizer plain float learning rates back (checkpoints and eager steps expect them)."""
@@ -295,17 +326,57 @@ class GraphedStep:
                 group["lr"] = float(group["lr"])
 
 
-def _forward_backward(model, inputs, targets, cfg: TrainConfig, device, cache_enabled: bool = True) -> torch.Tensor:
+class TooManyScoredRows(ValueError):
+    """A batch scores more positions than the captured graph step has rows for."""
+
+
+def scored_rows(targets: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the targets that are scored (not -100), found where the targets are (on the host for
+    the batches the training loop copies, so no device sync)."""
+    return (targets.reshape(-1) != -100).nonzero().squeeze(1)
+
+
+def pack_scored_rows(targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [rows], row targets [rows]): the scored positions and their targets, padded with position 0 and
+    target -100 (ignored) to a fixed length, so a captured step can score them in fixed shapes."""
+    flat = targets.reshape(-1)
+    kept = scored_rows(flat)
+    if kept.numel() > rows:
+        raise TooManyScoredRows(f"the batch scores {kept.numel()} positions; the captured step has room for {rows}")
+    index = torch.zeros(rows, dtype=torch.long, device=flat.device)
+    row_targets = torch.full((rows,), -100, dtype=torch.long, device=flat.device)
+    index[: kept.numel()] = kept
+    row_targets[: kept.numel()] = flat[kept]
+    return index, row_targets
+
+
+def graph_rows(targets: torch.Tensor) -> int | None:
+    """The scored-row count a captured step is built for, from its first batch: its scored positions with an
+    eighth to spare, rounded up to 128, when that is at most half the batch's positions; else None (score
+    every position: the head's rows would not shrink enough to matter)."""
+    n, total = int((targets != -100).sum()), targets.numel()
+    rows = -(-(n + n // 8 + 1) // 128) * 128
+    return rows if rows <= total // 2 else None
+
+
+def _forward_backward(
+    model, inputs, targets, cfg: TrainConfig, device, cache_enabled: bool = True, target_index=None
+) -> torch.Tensor:
     with _autocast(device, cfg.dtype, cache_enabled):
-        loss, aux = loss_fn(model, inputs, targets)
+        loss, aux = loss_fn(model, inputs, targets, target_index)
     ((loss + aux) / cfg.grad_accum).backward()
     return loss.detach()
 
 
-def _device_batch(train_batches, index: int, cfg: TrainConfig, device: torch.device):
+def _host_batch(train_batches, index: int, cfg: TrainConfig, device: torch.device):
     inputs, targets = train_batches.get(index, cfg.batch_size, cfg.seed)
     if device.type == "cuda" and not inputs.is_cuda:  # pinned, so the copy does not wait for the GPU
         inputs, targets = inputs.pin_memory(), targets.pin_memory()
+    return inputs, targets
+
+
+def _device_batch(train_batches, index: int, cfg: TrainConfig, device: torch.device):
+    inputs, targets = _host_batch(train_batches, index, cfg, device)
     return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
@@ -333,6 +404,10 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
     tokens, t0 = 0, time.perf_counter()
     step = start_step
     use_graph = cfg.cuda_graph and device.type == "cuda" and cfg.grad_accum == 1
+
+    def rows_for(targets):
+        return graph_rows(targets) if cfg.graph_scored_rows else None
+
     graphed, side = None, (torch.cuda.Stream(device) if use_graph else None)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
@@ -341,18 +416,24 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
             lr = lr_at(step, cfg)
             total = 0.0
             if use_graph and graphed is None and step - start_step >= GRAPH_WARMUP_STEPS:
-                inputs, targets = _device_batch(train_batches, step, cfg, device)
+                inputs, targets = _host_batch(train_batches, step, cfg, device)
                 torch.cuda.current_stream(device).wait_stream(side)
                 try:
-                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets)
+                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets, rows_for(targets))
                 except Exception as e:  # a mixer that syncs with the host cannot be captured
                     warnings.warn(
                         f"CUDA-graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2
                     )
                     use_graph, side = False, None
             if graphed is not None:
-                inputs, targets = _device_batch(train_batches, step, cfg, device)
-                total = float(graphed(inputs, targets, lr))
+                inputs, targets = _host_batch(train_batches, step, cfg, device)
+                try:
+                    loss = graphed(inputs, targets, lr)
+                except TooManyScoredRows:  # capture again, with room for this batch
+                    graphed.release()
+                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets, rows_for(targets))
+                    loss = graphed(inputs, targets, lr)
+                total = float(loss)
                 tokens += inputs.numel()
                 if not math.isfinite(total):
                     raise FloatingPointError(f"training loss became {total} at step {step}; lower the learning rate")

@@ -93,14 +93,26 @@ class CausalLM(nn.Module):
         targets: torch.Tensor | None = None,
         return_logits: bool = True,
         logits_at: torch.Tensor | None = None,
+        target_index: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids [B, T] -> logits [B, T, vocab]. `targets` [B, T] are the tokens each position must
         predict (already shifted; -100 = ignore); with `return_logits=False` the loss is computed chunk by
         chunk without ever holding the full logits (see effarch.ops.cross_entropy). `logits_at` (1-D
         positions along T) computes the head only there: logits [B, len(logits_at), vocab] (a prefill needs
-        the last position's, not T x vocab of them)."""
+        the last position's, not T x vocab of them). `target_index` (1-D flat positions into B*T, with `targets`
+        then 1-D of the same length, -100 allowed for padding) scores only those positions, in shapes that do not
+        depend on the data: a CUDA-graph step whose tasks score a few tokens per sequence builds the head's
+        logits for those rows alone."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time]; got shape {tuple(input_ids.shape)}")
+        if target_index is not None:
+            if targets is None or return_logits or logits_at is not None:
+                raise ValueError("target_index selects the scored positions: pass targets and return_logits=False")
+            if target_index.dim() != 1 or targets.shape != target_index.shape:
+                raise ValueError(
+                    f"target_index {tuple(target_index.shape)} and targets {tuple(targets.shape)} must be 1-D and "
+                    "of one length"
+                )
         if logits_at is not None:
             if targets is not None:
                 raise ValueError("logits_at selects positions for generation; it cannot be combined with targets")
@@ -126,6 +138,10 @@ class CausalLM(nn.Module):
                 aux = aux + block.ffn.aux_loss
         if logits_at is not None:
             x = x[:, logits_at.to(x.device)]
+        if target_index is not None:  # only the scored rows reach the norm and the head
+            h = self.norm(x.flatten(0, 1).index_select(0, target_index))
+            loss = linear_cross_entropy(h, self.lm_head.weight, targets, static_shapes=True)
+            return ModelOutput(logits=None, cache=new_cache, aux_loss=aux, loss=loss)
         h = self.norm(x)
         logits = self.lm_head(h) if (return_logits or targets is None) else None
         loss = None
