@@ -65,17 +65,29 @@ def llama_config(size: str, max_positions: int = 32768):
     )
 
 
-def train_peers(size: str) -> tuple[list[tuple[str, Callable[[], torch.nn.Module]]], list[str]]:
-    """(name, builder) of the peer models for training at `size`; a library that is missing is a note."""
+TRAIN_PEERS = ("llama", "fla-gla")
+
+
+def train_peers(
+    size: str, which: tuple[str, ...] = TRAIN_PEERS
+) -> tuple[list[tuple[str, Callable[[], torch.nn.Module]]], list[str]]:
+    """(name, builder) of the peer models for training at `size` (`which` of TRAIN_PEERS), and notes: a library
+    that is missing is a note."""
     out, notes = [], []
     try:
+        if "llama" not in which:
+            raise _Skip
         from transformers import LlamaForCausalLM
 
         cfg = llama_config(size)
         out.append(("transformers Llama (SDPA)", lambda: LlamaForCausalLM(cfg)))
+    except _Skip:
+        pass
     except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
         notes.append(f"transformers unavailable: {e}")
     try:
+        if "fla-gla" not in which:
+            raise _Skip
         from fla.models import GLAConfig, GLAForCausalLM
 
         p = peer_size(size)
@@ -89,9 +101,15 @@ def train_peers(size: str) -> tuple[list[tuple[str, Callable[[], torch.nn.Module
             fuse_cross_entropy=True,
         )
         out.append(("fla GLA", lambda: GLAForCausalLM(gcfg)))
+    except _Skip:
+        pass
     except Exception as e:  # noqa: BLE001
         notes.append(f"fla unavailable: {e}")
     return out, notes
+
+
+class _Skip(Exception):
+    """A peer not asked for."""
 
 
 def parse_ints(text: str, name: str) -> list[int]:

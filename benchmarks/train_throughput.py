@@ -4,10 +4,12 @@ On CUDA one run measures everyone at T = 2K x 16, 8K x 4, 32K x 1: tokens/s (med
 and AdamW) and peak memory, with bf16 weights and fused AdamW for every model. The ~341M comparison size
 ("large"): d_model 1024, 24 layers, FFN 2816, vocab 32000; the peers are built at the same size. effarch runs
 its fused Triton kernels (RMSNorm + residual, SwiGLU, rotary) unless --no-fused. On the CPU (float32, plain
-AdamW) it is a smoke run: `--size debug --device cpu --shapes 2x64 --steps 1`.
+AdamW) it is a smoke run: `--size debug --device cpu --shapes 2x64 --steps 1`. fla tunes its kernels on their
+first calls (minutes on an H200); with Triton's cache kept (TRITON_CACHE_DIR) a later run reuses what it found,
+so `--presets "" --peers fla-gla` once fills the cache for a comparison run.
 Usage: python benchmarks/train_throughput.py [--presets transformer,gla,...] [--size large]
-       [--shapes 16x2048,4x8192,1x32768] [--device auto|cuda|cpu] [--compile] [--no-fused] [--no-peers]
-       [--json FILE] [--write]
+       [--shapes 16x2048,4x8192,1x32768] [--device auto|cuda|cpu] [--compile] [--no-fused]
+       [--peers llama,fla-gla|none] [--no-peers] [--json FILE] [--write]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import json
 
 import torch
-from peers import device_and_dtype, free_cuda_memory, peer_size, tokens, train_peers
+from peers import TRAIN_PEERS, device_and_dtype, free_cuda_memory, peer_size, tokens, train_peers
 from results import append_section, environment, parse_shapes
 
 from effarch import build_model
@@ -65,11 +67,17 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="timed steps per shape (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--no-fused", action="store_true", help="effarch on its PyTorch path, not the fused kernels")
-    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-peers", action="store_true", help="no peer models (same as --peers none)")
+    p.add_argument(
+        "--peers", default=",".join(TRAIN_PEERS), help=f"peers to run: some of {', '.join(TRAIN_PEERS)}, or none"
+    )
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--json", help="also write raw figures to this file")
     args = p.parse_args()
     shapes = parse_shapes(args.shapes)
+    peers = () if args.no_peers or args.peers == "none" else tuple(x.strip() for x in args.peers.split(",") if x)
+    if set(peers) - set(TRAIN_PEERS):
+        raise SystemExit(f"--peers {args.peers!r}: expected some of {', '.join(TRAIN_PEERS)} (comma-separated) or none")
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit(f"--steps {args.steps} must be >= 1 and --warmup {args.warmup} >= 0")
     dev, dtype = device_and_dtype(args.device)
@@ -77,7 +85,7 @@ def main():
         fused.use_fused(False)
     kernels = fused.enabled(dev, dtype)
     candidates = []  # (name, builder, loss, vocabulary, fused kernels)
-    for name in args.presets.split(","):
+    for name in (n.strip() for n in args.presets.split(",") if n.strip()):  # --presets "": peers alone
         try:
             cfg = preset_config(f"{name}:{args.size}")
         except (KeyError, ValueError) as e:
@@ -87,8 +95,8 @@ def main():
         build = lambda cfg=cfg: compile_model(build_model(cfg)) if args.compile else build_model(cfg)
         candidates.append((label, build, effarch_loss, cfg.vocab_size, kernels))
     notes = []
-    if not args.no_peers:
-        found, notes = train_peers(args.size)
+    if peers:
+        found, notes = train_peers(args.size, peers)
         candidates += [(n, b, hf_loss, peer_size(args.size)["vocab"], None) for n, b in found]
     rows = []
     for name, builder, loss_of, vocab, kernels in candidates:

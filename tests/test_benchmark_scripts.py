@@ -71,6 +71,7 @@ def test_generate_throughput_script(tmp_path):
     "script,args,message",
     [
         ("train_throughput", ["--shapes", "2by64"], "--shapes '2by64' must be"),
+        ("train_throughput", ["--peers", "banana"], "--peers 'banana': expected some of llama, fla-gla"),
         ("generate_throughput", ["--batches", "0"], "--batches '0' must be"),
     ],
 )
