@@ -105,7 +105,7 @@ def test_model_fused_equals_pytorch(preset, expected):
     _assert_same(out, ref)
 
 
-@pytest.mark.parametrize("preset", ["gated-deltanet:debug", "gla:debug"])
+@pytest.mark.parametrize("preset", ["gated-deltanet:debug", "gla:debug", "mamba2:debug"])
 def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
     """With EFFARCH_GATED_NORM_TRITON's flag on (the default), the linear layers' per-head RMSNorm and SiLU gate run
     as the fused kernel (seen running) and the model equals its PyTorch path; off, the kernel is not used."""

@@ -209,23 +209,25 @@ def test_bad_inputs():
         apply_rotary(x[..., :5], torch.ones(3, 2, device=DEV), torch.ones(3, 2, device=DEV))
 
 
+@pytest.mark.parametrize("gate_first", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "sigmoid"])
 @pytest.mark.parametrize("shape", [(2, 5, 3, 24), (7, 100), (1, 1, 1, 16)])
-def test_gated_rms_norm_matches_reference(shape, activation):
+def test_gated_rms_norm_matches_reference(shape, activation, gate_first):
     """Rows of 24 and 100 channels (not powers of two), several rows per program and a partial last tile."""
     o, g, w = _randn(*shape, seed=0), _randn(*shape, seed=1), _randn(shape[-1], seed=2)
-    out = gated_rms_norm(o, w, g, 1e-6, activation, backend="triton")
-    _check(out, gated_rms_norm_reference(o, w, g, 1e-6, activation), (o, w, g), seed=3)
+    out = gated_rms_norm(o, w, g, 1e-6, activation, gate_first=gate_first, backend="triton")
+    _check(out, gated_rms_norm_reference(o, w, g, 1e-6, activation, gate_first), (o, w, g), seed=3)
 
 
+@pytest.mark.parametrize("gate_first", [False, True])
 @pytest.mark.parametrize("programs", [1, 3])
-def test_gated_rms_norm_backward_several_runs_per_program(monkeypatch, programs):
+def test_gated_rms_norm_backward_several_runs_per_program(monkeypatch, programs, gate_first):
     """The backward walks runs of rows per program (each run several tiles of rows) and sums d weight partials."""
     gn = sys.modules["effarch.ops.fused.gated_norm"]
     monkeypatch.setattr(gn, "BWD_PROGRAMS", programs)
     o, g, w = _randn(45, 40, seed=4), _randn(45, 40, seed=5), _randn(40, seed=6)
-    out = gated_rms_norm(o, w, g, 1e-5, backend="triton")
-    _check(out, gated_rms_norm_reference(o, w, g, 1e-5), (o, w, g), seed=7)
+    out = gated_rms_norm(o, w, g, 1e-5, gate_first=gate_first, backend="triton")
+    _check(out, gated_rms_norm_reference(o, w, g, 1e-5, gate_first=gate_first), (o, w, g), seed=7)
 
 
 def test_gated_rms_norm_reference_is_the_layer_chain():
@@ -234,6 +236,9 @@ def test_gated_rms_norm_reference_is_the_layer_chain():
     of = o.float()
     expect = of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + 1e-6) * w * F.silu(g)
     assert rel_err(gated_rms_norm_reference(o, w.detach(), g, 1e-6), expect) < 1e-6
+    u = of * F.silu(g)  # gate first: Mamba-2's RMSNorm of the gated output
+    expect = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert rel_err(gated_rms_norm_reference(o, w.detach(), g, 1e-6, gate_first=True), expect) < 1e-6
     with pytest.raises(ValueError, match="activation"):
         gated_rms_norm(o, w, g, 1e-6, "relu")
     with pytest.raises(ValueError, match="gate has shape"):
@@ -241,11 +246,12 @@ def test_gated_rms_norm_reference_is_the_layer_chain():
 
 
 @pytest.mark.skipif(not CUDA, reason="bfloat16 kernels are checked on CUDA only")
-def test_gated_rms_norm_bfloat16_on_cuda():
+@pytest.mark.parametrize("gate_first", [False, True])
+def test_gated_rms_norm_bfloat16_on_cuda(gate_first):
     o, g, w = _randn(4096, 6, 256, seed=11), _randn(4096, 6, 256, seed=12), _randn(256, seed=13)
     ob, gb, wb = (t.detach().bfloat16().requires_grad_() for t in (o, g, w))
-    yb = gated_rms_norm(ob, wb, gb, 1e-6)
-    y = gated_rms_norm_reference(o, w, g, 1e-6)
+    yb = gated_rms_norm(ob, wb, gb, 1e-6, gate_first=gate_first)
+    y = gated_rms_norm_reference(o, w, g, 1e-6, gate_first=gate_first)
     assert rel_err(yb, y) < 1e-2
     for a, b in zip(_grads(yb, (ob, wb, gb), 0), _grads(y, (o, w, g), 0), strict=True):
         assert rel_err(a, b) < 1e-2

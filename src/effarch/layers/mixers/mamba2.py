@@ -22,6 +22,7 @@ from torch import nn
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
 from effarch.layers.recompute import recomputed
+from effarch.ops import fused
 from effarch.registry import register_mixer
 
 
@@ -107,7 +108,14 @@ class Mamba2(LinearMixer):
         return o + self.D[:, None].to(o.dtype) * f.extras["x"]
 
     def output(self, o: torch.Tensor, f: Features, x: torch.Tensor) -> torch.Tensor:
-        """RMSNorm(y * silu(z)) over groups of d_inner / n_groups channels, then the out projection."""
+        """RMSNorm(y * silu(z)) over groups of d_inner / n_groups channels, then the out projection; one fused
+        kernel on CUDA when the channels form one group."""
+        if self.n_groups == 1 and fused.gated_norm_enabled(o.device, o.dtype):
+            B, T = o.shape[:2]
+            y = fused.gated_rms_norm(
+                o.reshape(B, T, -1), self.norm_weight, f.gate, self.norm_eps, gate_first=True, backend="triton"
+            )
+            return self.o_proj(y.to(x.dtype))
         return self.o_proj(recomputed(self._gated_norm, o, f.gate).to(x.dtype))
 
     def _gated_norm(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,9 @@ o, gate: [..., D] (one head's D = value dim per row, D <= 8192); weight: [D]. In
 Backward, with o_hat = o * rstd, a = act(gate) and g = dy * a * weight:
     do = rstd * (g - o_hat * mean(g * o_hat)),   d gate = dy * o_hat * weight * act'(gate),
     d weight = sum over rows of dy * a * o_hat.
+Gate first (Mamba-2's gated norm): with u = o * a, y = u * rstd * weight, rstd = 1 / sqrt(mean(u^2) + eps);
+backward, with u_hat = u * rstd and g = dy * weight: du = rstd * (g - u_hat * mean(g * u_hat)), do = du * a,
+d gate = du * o * act'(gate), d weight = sum over rows of dy * u_hat.
 In PyTorch (the reference, `HeadNorm` + the gate) every step is a float32 pass over the [B, T, H, D] output with
 casts between: a large Gated DeltaNet training step on an H200 spent 122 ms of 668 in copies, most of them there.
 Shape letters: N rows (all leading dimensions), D channels.
@@ -28,7 +31,8 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gated_fwd(O, G, W, Y, RSTD, N, D, eps, SILU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_fwd(O, G, W, Y, RSTD, N, D, eps, SILU: tl.constexpr, GATE_FIRST: tl.constexpr, ROWS: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
         # ROWS rows per program, each whole in registers.
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -38,16 +42,21 @@ if HAS_TRITON:
         o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + off, mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(o * o, axis=1) / D + eps)
         sg = tl.sigmoid(g)
         a = g * sg if SILU else sg
-        y = o * rstd[:, None] * w[None, :] * a
+        if GATE_FIRST:
+            u = o * a
+            rstd = tl.rsqrt(tl.sum(u * u, axis=1) / D + eps)
+            y = u * rstd[:, None] * w[None, :]
+        else:
+            rstd = tl.rsqrt(tl.sum(o * o, axis=1) / D + eps)
+            y = o * rstd[:, None] * w[None, :] * a
         tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
         tl.store(RSTD + rows, rstd, mask=mr)
 
     @triton.jit
     def _gated_bwd(O, G, W, RSTD, DY, DO, DG, DW_PART, N, D, ROWS_PER_PROG, SILU: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                   GATE_FIRST: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
         # Each program walks a contiguous run of rows, ROWS at a time, keeping its share of d weight in registers
         # (written once as a partial sum, summed on the host: deterministic, no atomics).
         pid = tl.program_id(0)
@@ -65,7 +74,6 @@ if HAS_TRITON:
             g = tl.load(G + off, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=mr, other=0.0)
-            o_hat = o * rstd[:, None]
             sg = tl.sigmoid(g)
             if SILU:
                 a = g * sg
@@ -73,11 +81,20 @@ if HAS_TRITON:
             else:
                 a = sg
                 da = sg * (1.0 - sg)
-            tl.store(DG + off, (dy * o_hat * w[None, :] * da).to(DG.dtype.element_ty), mask=mask)
-            dw += dy * a * o_hat
-            gn = dy * a * w[None, :]
-            do = rstd[:, None] * (gn - o_hat * (tl.sum(gn * o_hat, axis=1) / D)[:, None])
-            tl.store(DO + off, do.to(DO.dtype.element_ty), mask=mask)
+            if GATE_FIRST:
+                u_hat = o * a * rstd[:, None]
+                gn = dy * w[None, :]
+                du = rstd[:, None] * (gn - u_hat * (tl.sum(gn * u_hat, axis=1) / D)[:, None])
+                dw += dy * u_hat
+                tl.store(DG + off, (du * o * da).to(DG.dtype.element_ty), mask=mask)
+                tl.store(DO + off, (du * a).to(DO.dtype.element_ty), mask=mask)
+            else:
+                o_hat = o * rstd[:, None]
+                tl.store(DG + off, (dy * o_hat * w[None, :] * da).to(DG.dtype.element_ty), mask=mask)
+                dw += dy * a * o_hat
+                gn = dy * a * w[None, :]
+                do = rstd[:, None] * (gn - o_hat * (tl.sum(gn * o_hat, axis=1) / D)[:, None])
+                tl.store(DO + off, do.to(DO.dtype.element_ty), mask=mask)
         tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=mc)
 
 
@@ -90,7 +107,7 @@ def _num_warps(block: int, rows: int) -> int:
 
 
 @torch.library.custom_op("effarch::fused_gated_rms_norm_fwd", mutates_args=())
-def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool) -> tuple[Tensor, Tensor]:
+def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gate_first: bool) -> tuple[Tensor, Tensor]:
     """o, gate [N, D] contiguous, weight [D] -> (y [N, D] in o's dtype, rstd [N] float32)."""
     N, D = o.shape
     y = empty_like(o)
@@ -98,19 +115,19 @@ def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool) -> 
     block = triton.next_power_of_2(D)
     rows = _rows(block)
     if N:
-        _gated_fwd[(triton.cdiv(N, rows),)](o, gate, weight, y, rstd, N, D, eps, SILU=silu, ROWS=rows, BLOCK=block,
-                                            num_warps=_num_warps(block, rows))  # fmt: skip
+        _gated_fwd[(triton.cdiv(N, rows),)](o, gate, weight, y, rstd, N, D, eps, SILU=silu, GATE_FIRST=gate_first,
+                                            ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
     return y, rstd
 
 
 @_fwd_op.register_fake
-def _(o, gate, weight, eps, silu):
+def _(o, gate, weight, eps, silu, gate_first):
     return torch.empty_like(o), o.new_empty(o.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("effarch::fused_gated_rms_norm_bwd", mutates_args=())
 def _bwd_op(
-    o: Tensor, gate: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, silu: bool
+    o: Tensor, gate: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, silu: bool, gate_first: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (do [N, D] in o's dtype, d gate [N, D] in gate's dtype, d weight [D] in weight's dtype)."""
     N, D = o.shape
@@ -123,39 +140,46 @@ def _bwd_op(
     n_prog = triton.cdiv(N, per) if N else 0
     dw_part = torch.empty(max(n_prog, 1), D, dtype=torch.float32, device=o.device)
     if N:
-        _gated_bwd[(n_prog,)](o, gate, weight, rstd, dy, do, dg, dw_part, N, D, per, SILU=silu, ROWS=rows,
-                              BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
+        _gated_bwd[(n_prog,)](o, gate, weight, rstd, dy, do, dg, dw_part, N, D, per, SILU=silu, GATE_FIRST=gate_first,
+                              ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
     dw = (dw_part[:n_prog].sum(0) if N else torch.zeros(D, device=o.device)).to(weight.dtype)
     return do, dg, dw
 
 
 @_bwd_op.register_fake
-def _(o, gate, weight, rstd, dy, silu):
+def _(o, gate, weight, rstd, dy, silu, gate_first):
     return torch.empty_like(o), torch.empty_like(gate), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output):
-    o, gate, weight, _, silu = inputs
+    o, gate, weight, _, silu, gate_first = inputs
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
-    ctx.silu = silu
+    ctx.silu, ctx.gate_first = silu, gate_first
     ctx.save_for_backward(o, gate, weight, rstd)
 
 
 def _backward(ctx, dy, _drstd):
     o, gate, weight, rstd = ctx.saved_tensors
-    do, dg, dw = _bwd_op(o, gate, weight, rstd, dy.contiguous(), ctx.silu)
-    return do, dg, dw, None, None
+    do, dg, dw = _bwd_op(o, gate, weight, rstd, dy.contiguous(), ctx.silu, ctx.gate_first)
+    return do, dg, dw, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gated_rms_norm(
-    o: Tensor, weight: Tensor, gate: Tensor, eps: float, activation: str = "silu", *, backend: str = "auto"
+    o: Tensor,
+    weight: Tensor,
+    gate: Tensor,
+    eps: float,
+    activation: str = "silu",
+    *,
+    gate_first: bool = False,
+    backend: str = "auto",
 ) -> Tensor:
     """RMSNorm of o [..., D] over its last dimension times weight [D] times act(gate) (gate of o's shape), in
-    float32, cast to o's dtype; see the module."""
+    float32, cast to o's dtype; with `gate_first`, RMSNorm of o * act(gate) times weight. See the module."""
     D = o.shape[-1]
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {ACTIVATIONS}")
@@ -168,7 +192,7 @@ def gated_rms_norm(
     if not use_triton(backend, o, weight, gate) or D > MAX_D:
         if backend == "triton" and D > MAX_D:
             raise ValueError(f"o has last dimension {D}, but the Triton kernel supports at most {MAX_D}")
-        return gated_rms_norm_reference(o, weight, gate, eps, activation)
+        return gated_rms_norm_reference(o, weight, gate, eps, activation, gate_first)
     y, _ = _fwd_op(o.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous(), weight.contiguous(), float(eps),
-                   activation == "silu")  # fmt: skip
+                   activation == "silu", bool(gate_first))  # fmt: skip
     return y.reshape(o.shape)

@@ -32,11 +32,19 @@ def rms_norm_reference(
 
 
 def gated_rms_norm_reference(
-    o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor, eps: float, activation: str = "silu"
+    o: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    eps: float,
+    activation: str = "silu",
+    gate_first: bool = False,
 ) -> torch.Tensor:
-    """RMSNorm of o [..., D] times weight [D] times silu(gate) or sigmoid(gate), in float32, cast to o's dtype."""
+    """RMSNorm of o [..., D] times weight [D] times silu(gate) or sigmoid(gate), in float32, cast to o's dtype;
+    with `gate_first`, RMSNorm of o * act(gate) times weight (Mamba-2's gated norm)."""
     g = gate.float()
     a = torch.nn.functional.silu(g) if activation == "silu" else torch.sigmoid(g)
+    if gate_first:
+        return rms_norm_reference(o.float() * a, weight, eps).to(o.dtype)
     return (rms_norm_reference(o.float(), weight, eps) * a).to(o.dtype)
 
 
