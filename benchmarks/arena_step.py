@@ -34,7 +34,6 @@ from effarch.train import (
     _device_batch,
     _forward_backward,
     _host_batch,
-    graph_rows,
     make_optimizer,
     train,
 )
@@ -73,7 +72,14 @@ def breakdown(spec: str, batches, args, scored_rows: bool) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = CausalLM(task_config(arch.quality_config, 8192, args.length)).to(device)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.length, lr=1e-3, cuda_graph=True)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        seq_len=args.length,
+        lr=1e-3,
+        cuda_graph=True,
+        graph_scored_rows=scored_rows,
+    )
     optimizer = make_optimizer(model, cfg)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -86,7 +92,7 @@ def breakdown(spec: str, batches, args, scored_rows: bool) -> dict:
             optimizer.zero_grad(set_to_none=True)
     torch.cuda.current_stream(device).wait_stream(side)
     inputs, targets = _host_batch(batches, GRAPH_WARMUP_STEPS, cfg, device)
-    step = GraphedStep(model, optimizer, cfg, device, inputs, targets, graph_rows(targets) if scored_rows else None)
+    step = GraphedStep(model, optimizer, cfg, device, inputs, targets)
     replay, prepare, whole = [], [], []
     for _ in range(args.steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

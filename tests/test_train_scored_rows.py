@@ -16,7 +16,8 @@ from effarch import build_model
 from effarch.arena.archs import task_config
 from effarch.data.tasks import mqar
 from effarch.models.presets import preset_config
-from effarch.train import TooManyScoredRows, graph_rows, loss_fn, pack_scored_rows, scored_rows
+from effarch.ops.cross_entropy import scored_rows
+from effarch.train import TooManyScoredRows, graph_rows, loss_fn, pack_scored_rows
 
 
 def _model(spec: str, vocab: int = 512, length: int = 64):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from effarch.ops.cross_entropy import scored_rows
 from effarch.utils import atomic_write_text, default_device
 
 LN2 = math.log(2.0)
@@ -260,12 +261,12 @@ class GraphedStep:
     captured step is the eager one: same loss, clipping and fused AdamW, with the autocast weight cache off.
     """
 
-    def __init__(self, model, optimizer, cfg: TrainConfig, device: torch.device, inputs, targets, rows=None):
-        """`rows`: score at most this many positions per batch, through the head for those rows alone (see
-        `scored_rows`); a batch with more raises `TooManyScoredRows`. None scores every position (ignored ones
-        masked)."""
+    def __init__(self, model, optimizer, cfg: TrainConfig, device: torch.device, inputs, targets):
+        """With cfg.graph_scored_rows, the step scores at most `rows` positions per batch (`graph_rows` of this
+        first batch), through the head for those rows alone; a batch with more raises `TooManyScoredRows`. Else,
+        or when most positions are scored, rows is None: every position, ignored ones masked."""
         self.optimizer = optimizer
-        self.rows = rows
+        self.rows = rows = graph_rows(targets) if cfg.graph_scored_rows else None
         self.inputs = torch.empty_like(inputs, device=device)
         self.targets = torch.empty_like(targets, device=device)
         self.index = torch.zeros(rows or 0, dtype=torch.long, device=device)
@@ -328,12 +329,6 @@ class GraphedStep:
 
 class TooManyScoredRows(ValueError):
     """A batch scores more positions than the captured graph step has rows for."""
-
-
-def scored_rows(targets: torch.Tensor) -> torch.Tensor:
-    """Flat positions of the targets that are scored (not -100), found where the targets are (on the host for
-    the batches the training loop copies, so no device sync)."""
-    return (targets.reshape(-1) != -100).nonzero().squeeze(1)
 
 
 def pack_scored_rows(targets: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,9 +400,6 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
     step = start_step
     use_graph = cfg.cuda_graph and device.type == "cuda" and cfg.grad_accum == 1
 
-    def rows_for(targets):
-        return graph_rows(targets) if cfg.graph_scored_rows else None
-
     graphed, side = None, (torch.cuda.Stream(device) if use_graph else None)
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(device))
@@ -419,7 +411,7 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
                 inputs, targets = _host_batch(train_batches, step, cfg, device)
                 torch.cuda.current_stream(device).wait_stream(side)
                 try:
-                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets, rows_for(targets))
+                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets)
                 except Exception as e:  # a mixer that syncs with the host cannot be captured
                     warnings.warn(
                         f"CUDA-graph capture failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2
@@ -431,7 +423,7 @@ def train(model, train_batches, cfg: TrainConfig, val_batches=None, *, resume: b
                     loss = graphed(inputs, targets, lr)
                 except TooManyScoredRows:  # capture again, with room for this batch
                     graphed.release()
-                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets, rows_for(targets))
+                    graphed = GraphedStep(model, optimizer, cfg, device, inputs, targets)
                     loss = graphed(inputs, targets, lr)
                 total = float(loss)
                 tokens += inputs.numel()

@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def scored_rows(targets: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the targets that are scored (not -100), found where the targets are (no device sync for
+    targets on the host)."""
+    return (targets.reshape(-1) != -100).nonzero().squeeze(1)
+
+
 def linear_cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The spec: full logits in float32, then torch's cross-entropy."""
     logits = h @ weight.t()
@@ -102,7 +108,7 @@ def linear_cross_entropy(
     capturing = h2.is_cuda and torch.cuda.is_current_stream_capturing()
     if static_shapes or capturing:
         return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size, True)
-    kept = (t2 != -100).nonzero().squeeze(1)
+    kept = scored_rows(t2)
     if kept.numel() < t2.numel():
         h2, t2 = h2.index_select(0, kept), t2.index_select(0, kept)  # from here on every row is kept
     return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk_size, False)
