@@ -65,7 +65,32 @@ def llama_config(size: str, max_positions: int = 32768):
     )
 
 
-TRAIN_PEERS = ("llama", "fla-gla")
+def _llama(size: str) -> tuple[str, Callable[[], torch.nn.Module]]:
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_config(size)
+    return "transformers Llama (SDPA)", lambda: LlamaForCausalLM(cfg)
+
+
+def _fla_gla(size: str) -> tuple[str, Callable[[], torch.nn.Module]]:
+    from fla.models import GLAConfig, GLAForCausalLM
+
+    p = peer_size(size)
+    gcfg = GLAConfig(
+        hidden_size=p["d_model"],
+        intermediate_size=p["ffn"],
+        num_hidden_layers=p["n_layers"],
+        num_heads=max(1, p["n_heads"] // 2),  # as effarch's gla preset: head dim twice the size's
+        vocab_size=p["vocab"],
+        tie_word_embeddings=True,
+        fuse_cross_entropy=True,
+    )
+    return "fla GLA", lambda: GLAForCausalLM(gcfg)
+
+
+# peer -> (builder of (name, model builder), library named when it cannot load)
+_TRAIN_PEERS = {"llama": (_llama, "transformers"), "fla-gla": (_fla_gla, "fla")}
+TRAIN_PEERS = tuple(_TRAIN_PEERS)
 
 
 def train_peers(
@@ -74,42 +99,13 @@ def train_peers(
     """(name, builder) of the peer models for training at `size` (`which` of TRAIN_PEERS), and notes: a library
     that is missing is a note."""
     out, notes = [], []
-    try:
-        if "llama" not in which:
-            raise _Skip
-        from transformers import LlamaForCausalLM
-
-        cfg = llama_config(size)
-        out.append(("transformers Llama (SDPA)", lambda: LlamaForCausalLM(cfg)))
-    except _Skip:
-        pass
-    except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
-        notes.append(f"transformers unavailable: {e}")
-    try:
-        if "fla-gla" not in which:
-            raise _Skip
-        from fla.models import GLAConfig, GLAForCausalLM
-
-        p = peer_size(size)
-        gcfg = GLAConfig(
-            hidden_size=p["d_model"],
-            intermediate_size=p["ffn"],
-            num_hidden_layers=p["n_layers"],
-            num_heads=max(1, p["n_heads"] // 2),  # as effarch's gla preset: head dim twice the size's
-            vocab_size=p["vocab"],
-            tie_word_embeddings=True,
-            fuse_cross_entropy=True,
-        )
-        out.append(("fla GLA", lambda: GLAForCausalLM(gcfg)))
-    except _Skip:
-        pass
-    except Exception as e:  # noqa: BLE001
-        notes.append(f"fla unavailable: {e}")
+    for peer in which:
+        build, library = _TRAIN_PEERS[peer]
+        try:
+            out.append(build(size))
+        except Exception as e:  # noqa: BLE001 - a peer that cannot load is reported, not fatal
+            notes.append(f"{library} unavailable: {e}")
     return out, notes
-
-
-class _Skip(Exception):
-    """A peer not asked for."""
 
 
 def parse_ints(text: str, name: str) -> list[int]:
