@@ -17,6 +17,7 @@ attention: forward 2 B H T^2 D, forward+backward 3.5x that. GB/s counts the fewe
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 from effarch.ops.linear import linear_recurrence_reference  # noqa: E402
-from effarch.ops.linear.triton import linear_recurrence_step_triton, linear_recurrence_triton  # noqa: E402
+from effarch.ops.linear.triton import launch, linear_recurrence_step_triton, linear_recurrence_triton  # noqa: E402
 
 H, D, C = 16, 128, 64
 PARTIAL: str | None = None  # --json path, rewritten after every measurement
@@ -41,6 +42,7 @@ CASES = {  # name: (rule, decay kind, fla op name)
     "delta rule (DeltaNet)": ("delta", None, "chunk_delta_rule"),
     "gated delta (GDN)": ("delta", "scalar", "chunk_gated_delta_rule"),
 }
+STATE_PASSES = [None]  # --state-pass: the library's choice, or each form of the additive state passes in turn
 SHORT = dict(zip(("linear", "fixed", "scalar", "gla", "delta", "gdn"), CASES))  # --ops names
 
 
@@ -219,10 +221,14 @@ def speed(Ts, with_fla, peers, results, deadline=None):
         B = max(1, 32768 // T)  # B*T = 32K tokens; longer T run at B = 1
         io = B * T * H * D * 2
         for name, (rule, decay, fla_op) in CASES.items():
-            call, tensors = ours_case(rule, decay, B, T)
-            extra = sum(x.numel() * x.element_size() for x in tensors[3:])
-            measure(f"ours: {name}", call, tensors, flops_linear(rule, B, T), 4 * io + extra, results, T)
-            del call, tensors
+            for form in STATE_PASSES:
+                if form is not None:
+                    launch.STATE_PASS = form
+                call, tensors = ours_case(rule, decay, B, T)
+                extra = sum(x.numel() * x.element_size() for x in tensors[3:])
+                label = "ours" if form is None else f"ours ({form.replace('_', '-')})"
+                measure(f"{label}: {name}", call, tensors, flops_linear(rule, B, T), 4 * io + extra, results, T)
+                del call, tensors
             if with_fla:
                 try:
                     call, tensors = fla_case(fla_op, rule, decay, B, T)
@@ -306,7 +312,10 @@ def profile(T=8192) -> str:
     from torch.profiler import profile as torch_profile
 
     lines = []
-    for name, (rule, decay, _) in CASES.items():
+    for (name, (rule, decay, _)), form in itertools.product(CASES.items(), STATE_PASSES):
+        if form is not None:
+            launch.STATE_PASS = form
+            name = f"{name}, {form.replace('_', '-')} state passes"
         call, tensors = ours_case(rule, decay, max(1, 32768 // T), T)
         for _ in range(2):
             fwd_bwd(call, tensors)()
@@ -380,7 +389,15 @@ def main() -> None:
         choices=["tf32", "input"],
         help="products of the delta rule's reverse state pass (default: the library's choice)",
     )
+    ap.add_argument(
+        "--state-pass",
+        default=None,
+        choices=["fused", "two_phase", "both"],
+        help="form of the additive rule's state passes (launch.STATE_PASS); both: each in turn, in the same run",
+    )
     args = ap.parse_args()
+    if args.state_pass is not None:
+        STATE_PASSES[:] = ["fused", "two_phase"] if args.state_pass == "both" else [args.state_pass]
     if args.ops is not None:
         chosen = [o.strip() for o in args.ops.split(",") if o.strip()]
         unknown = [o for o in chosen if o not in SHORT]
@@ -395,8 +412,6 @@ def main() -> None:
     if args.state_bwd_dots is not None:
         backward.STATE_BWD_DOTS = args.state_bwd_dots
     if args.wgmma != "auto":
-        from effarch.ops.linear.triton import launch
-
         launch.WGMMA = args.wgmma == "on"
     global PARTIAL
     PARTIAL = args.json

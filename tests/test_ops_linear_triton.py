@@ -163,6 +163,38 @@ def test_wide_heads_split_into_key_and_value_blocks(case):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("shape", ["packed", "wide"])
+def test_two_phase_state_passes_match_reference(case, shape, monkeypatch):
+    """launch.STATE_PASS = "two_phase": every chunk's own term first, then a pass that decays and adds (the
+    delta rule's reverse pass reads its q^T dO term the same way). Packed: an empty sequence (its chunk has no
+    last token) and lengths not multiples of the chunk; wide: K = 128 in 16 x 16 scan blocks."""
+    monkeypatch.setattr(launch, "STATE_PASS", "two_phase")
+    rule, decay = CASES[case]
+    if shape == "packed":
+        cu = torch.tensor([0, 5, 5, 30, 37])
+        q, k, v, kw = make(rule, decay, 1, 37, 2, 16, 16, n_seq=4, seed=5)
+    else:
+        cu = None
+        q, k, v, kw = make(rule, decay, 1, 70, 1, 128, 32, seed=23)
+        assert launch.scan_blocks(128, 32, 1) == (16, 16)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+
+
+def test_scan_blocks_cover_the_state_in_small_tiles():
+    """Any block is right for a pass without products; it keeps tiles of at most 1024 entries and splits
+    further only while fewer than SCAN_PROGRAMS programs would run."""
+    for K, V, n in [(128, 128, 1), (128, 256, 16), (64, 64, 64), (16, 16, 2), (256, 128, 512)]:
+        BK, BV = launch.scan_blocks(K, V, n)
+        assert BK * BV <= 1024 and BK >= 16 and BV >= 16
+        programs = n * -(-K // BK) * -(-V // BV)
+        assert programs >= launch.SCAN_PROGRAMS or (BK, BV) == (16, 16)
+    assert launch.scan_blocks(128, 128, 4096) == (16, 64)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("strength", [1.0, 30.0])
 def test_per_key_decay_mild_and_strong(strength, monkeypatch):
     """The per-key intra-chunk kernels take one product per sub-block when its decay spans at most SPREAD in
@@ -337,6 +369,13 @@ def _check_bf16_against_float32(case: str, B: int, T: int, H: int, K: int, V: in
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_bf16_matches_float32_at_real_shapes(case):
+    _check_bf16_against_float32(case, 2, 1000, 4, 128, 128)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_two_phase_state_passes_bf16(case, monkeypatch):
+    monkeypatch.setattr(launch, "STATE_PASS", "two_phase")
     _check_bf16_against_float32(case, 2, 1000, 4, 128, 128)
 
 

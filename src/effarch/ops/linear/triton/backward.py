@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from effarch.ops.linear.triton import bwd_kernels, fwd_kernels
+from effarch.ops.linear.triton import bwd_kernels, fwd_kernels, launch
 from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind, state_blocks
 from effarch.ops.linear.triton.layout import ChunkTable
 
@@ -135,11 +135,17 @@ def chunk_backward(
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
     dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
-    BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
+    two_phase = launch.STATE_PASS == "two_phase"
+    if two_phase:  # each chunk's scale (Q e^G)^T dO first, into dh; the pass reads it from there
+        launch.chunk_terms(q, do, p.G, dh, table, chunk, scale, reverse=True, dtc=state_dtc)
+    if two_phase and not delta:
+        BKs, BVs = launch.scan_blocks(K, V, N * H)
+    else:
+        BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
     bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
         q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
-        dhT is not None, True, state_dtc, num_warps=8, num_stages=2,
+        dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else 8, num_stages=2,
     )  # fmt: skip
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)
     if not delta:

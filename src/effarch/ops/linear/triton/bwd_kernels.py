@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from effarch.ops.linear.triton.fwd_kernels import chunk_tile, mm
+from effarch.ops.linear.triton.fwd_kernels import chunk_tile, last_log_decay, mm
 
 
 @triton.jit
@@ -46,10 +46,13 @@ def state_bwd_kernel(
     HAS_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     DTC: tl.constexpr,
+    PRE: tl.constexpr = False,
 ):
     """dhbuf[c] = gradient w.r.t. the state leaving chunk c ([NT, H, K, V] float32); dh0 = gradient w.r.t.
-    the initial state; delta rule: dU [T, H, V] float32 (gradient w.r.t. the pseudo-values). Grid
-    (cdiv(V, BV), cdiv(K, BK), N * H)."""
+    the initial state; delta rule: dU [T, H, V] float32 (gradient w.r.t. the pseudo-values). With PRE, dhbuf[c]
+    holds the chunk's own term scale (Q e^G)^T dO on entry (`chunk_outer_kernel`), read before dS is written
+    there: the additive rule's pass then only decays and adds, the delta rule's takes two products per chunk
+    instead of three. Grid (cdiv(V, BV), cdiv(K, BK), N * H)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
     i_h = i_nh % H
@@ -68,48 +71,73 @@ def state_bwd_kernel(
         dS = tl.load(dhT + i_nh.to(tl.int64) * K * V + off_kv, mask=mkv, other=0.0).to(tl.float32)
     else:
         dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if PRE:  # the next chunk's term is loaded one iteration ahead, so its load overlaps the current update
+        nxt = tl.load(
+            dhbuf + ((c1 - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c1 > c0), other=0.0
+        )
     for j in range(0, c1 - c0):
         c = c1 - 1 - j
         t0 = bos + (c - c0) * BT
+        if PRE:
+            own = nxt
+            nxt = tl.load(
+                dhbuf + ((c - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c > c0), other=0.0
+            )
         tl.store(dhbuf + (c * H + i_h).to(tl.int64) * K * V + off_kv, dS, mask=mkv)
         rt = t0 + rb
         mt = rt < eos
-        m_tk = mt[:, None] & mk[None, :]
-        m_tv = mt[:, None] & mv[None, :]
-        off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
-        qq = tl.load(q + off_tk, mask=m_tk, other=0.0).to(tl.float32)
-        dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
         t_last = tl.minimum(t0 + BT, eos) - 1
-        if GKIND == 1:
-            gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-            gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
-            qs = qq * tl.exp(gt)[:, None]
-            decay_last = tl.exp(gl)
-        elif GKIND == 2:
-            gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-            gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
-            qs = qq * tl.exp(gt)
-            decay_last = tl.exp(gl)[:, None]
-        else:
-            qs = qq
-            decay_last = 1.0
-        if DELTA:
-            kk = tl.load(k + off_tk, mask=m_tk, other=0.0).to(tl.float32)
+        if PRE and not DELTA:  # decay and add: nothing per token is read
             if GKIND == 1:
-                kd = kk * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
-            else:
-                kd = kk
-            # dU holds the chunk-local part scale P^T dO (`dv_local_kernel`); the state's part is added in place
-            du = tl.load(dU + off_tv, mask=m_tv, other=0.0) + mm(kd, dS, DTC)
-            tl.store(dU + off_tv, du, mask=m_tv)
-            # W^T loaded as [K, BT] directly rather than transposed in registers
-            wT = tl.load(
-                W + (rt.to(tl.int64)[None, :] * H + i_h) * K + rk[:, None], mask=mk[:, None] & mt[None, :], other=0.0
-            )
-            dS = dS * decay_last + scale * mm(tl.trans(qs), dd, DTC) - mm(wT, du, DTC)
+                dS = dS * tl.exp(last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND))
+            elif GKIND == 2:
+                dS = dS * tl.exp(last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND))[:, None]
+            dS += own
         else:
-            dS = dS * decay_last + scale * mm(tl.trans(qs), dd, DTC)
+            m_tk = mt[:, None] & mk[None, :]
+            m_tv = mt[:, None] & mv[None, :]
+            off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+            off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+            if GKIND == 1:
+                gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+                gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
+                decay_last = tl.exp(gl)
+            elif GKIND == 2:
+                gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
+                gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+                decay_last = tl.exp(gl)[:, None]
+            else:
+                decay_last = 1.0
+            if PRE:
+                local = own
+            else:
+                qq = tl.load(q + off_tk, mask=m_tk, other=0.0).to(tl.float32)
+                dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
+                if GKIND == 1:
+                    qs = qq * tl.exp(gt)[:, None]
+                elif GKIND == 2:
+                    qs = qq * tl.exp(gt)
+                else:
+                    qs = qq
+                local = scale * mm(tl.trans(qs), dd, DTC)
+            if DELTA:
+                kk = tl.load(k + off_tk, mask=m_tk, other=0.0).to(tl.float32)
+                if GKIND == 1:
+                    kd = kk * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+                else:
+                    kd = kk
+                # dU holds the chunk-local part scale P^T dO (`dv_local_kernel`); the state's part is added in place
+                du = tl.load(dU + off_tv, mask=m_tv, other=0.0) + mm(kd, dS, DTC)
+                tl.store(dU + off_tv, du, mask=m_tv)
+                # W^T loaded as [K, BT] directly rather than transposed in registers
+                wT = tl.load(
+                    W + (rt.to(tl.int64)[None, :] * H + i_h) * K + rk[:, None],
+                    mask=mk[:, None] & mt[None, :],
+                    other=0.0,
+                )
+                dS = dS * decay_last + local - mm(wT, du, DTC)
+            else:
+                dS = dS * decay_last + local
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + off_kv, dS, mask=mkv)
 

@@ -316,6 +316,77 @@ def _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H: t
 
 
 @triton.jit
+def last_log_decay(G, t0, t_last, i_h, rk, mk, H: tl.constexpr, K: tl.constexpr, GKIND: tl.constexpr):
+    """G at a chunk's last token t_last, 0 for an empty chunk (t_last < t0): a scalar for GKIND 1, [BK] for 2."""
+    if GKIND == 1:
+        return tl.load(G + t_last.to(tl.int64) * H + i_h, mask=t_last >= t0, other=0.0)
+    else:
+        return tl.load(G + (t_last.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + t_last >= t0), other=0.0)
+
+
+@triton.jit
+def chunk_outer_kernel(
+    a,
+    b,
+    G,
+    out,
+    chunk_tok,
+    chunk_eos,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    NKB: tl.constexpr,
+    GKIND: tl.constexpr,
+    REVERSE: tl.constexpr,
+    DTC: tl.constexpr,
+):
+    """Each chunk's own term of the state passes, for every chunk at once (the first phase of the two-phase
+    passes; the sequential pass then only decays and adds, as the state passing of "Transformers are SSMs",
+    arXiv 2405.21060): out[c] = (A e^R)^T B with R_t = G_C - G_t, the chunk's contribution to the state leaving
+    it (A = K, B = V); with REVERSE, out[c] = scale (A e^G)^T B, its contribution to the gradient of the state
+    entering it (A = Q, B = dO). out [NT, H, K, V] float32. Grid (NT, cdiv(K, BK) * cdiv(V, BV), H)."""
+    i_c, i_kv, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k = i_kv % NKB
+    i_v = i_kv // NKB
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rt = t0 + tl.arange(0, BT)
+    mt = rt < eos
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    mk = rk < K
+    mv = rv < V
+    m_kt = mk[:, None] & mt[None, :]
+    off_kt = (rt.to(tl.int64)[None, :] * H + i_h) * K + rk[:, None]  # A^T loaded as [BK, BT]
+    aT = tl.load(a + off_kt, mask=m_kt, other=0.0)
+    bb = tl.load(b + (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :], mask=mt[:, None] & mv[None, :], other=0.0)
+    t_last = tl.minimum(t0 + BT, eos) - 1
+    if GKIND == 1:
+        gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+        if REVERSE:
+            aT = aT.to(tl.float32) * tl.exp(gt)[None, :]
+        else:
+            gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
+            aT = aT.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[None, :]
+    elif GKIND == 2:
+        gt = tl.load(G + off_kt, mask=m_kt, other=0.0)
+        if REVERSE:
+            aT = aT.to(tl.float32) * tl.exp(gt)
+        else:
+            gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
+            aT = aT.to(tl.float32) * tl.exp(tl.where(mt[None, :], gl[:, None] - gt, float("-inf")))
+    acc = mm(aT, bb, DTC)
+    if REVERSE:
+        acc = acc * scale
+    tl.store(out + (i_c.to(tl.int64) * H + i_h) * K * V + rk[:, None] * V + rv[None, :], acc,
+             mask=mk[:, None] & mv[None, :])  # fmt: skip
+
+
+@triton.jit
 def state_fwd_kernel(
     k,
     v,
@@ -326,6 +397,7 @@ def state_fwd_kernel(
     h0,
     hT,
     vnew,
+    D,
     cu,
     seq_chunk,
     H: tl.constexpr,
@@ -339,10 +411,13 @@ def state_fwd_kernel(
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     DTC: tl.constexpr,
+    PRE: tl.constexpr = False,
 ):
     """Inter-chunk state pass, one sequence and head and a BK x BV block of the state per program (the delta
     rule needs all K rows in one program: BK >= K; the additive rule's rows are independent): hbuf[c] = state entering
-    chunk c ([NT, H, K, V]); delta rule: vnew = U~ - W S_0 [T, H, V] (the pseudo-values U). Grid
+    chunk c ([NT, H, K, V]); delta rule: vnew = U~ - W S_0 [T, H, V] (the pseudo-values U). With PRE (additive
+    rule) each chunk's own term is read from D [NT, H, K, V] float32 (`chunk_outer_kernel`; D may be hbuf itself,
+    as slot c is read before S is written there) and the pass only decays and adds. Grid
     (cdiv(V, BV), cdiv(K, BK), N * H)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = i_nh // H
@@ -361,36 +436,51 @@ def state_fwd_kernel(
         S = tl.load(h0 + i_nh.to(tl.int64) * K * V + off_kv, mask=mkv, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
+    if PRE:  # the next chunk's term is loaded one iteration ahead, so its load overlaps the current update
+        nxt = tl.load(D + (c0 * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c0 < c1), other=0.0)
     for c in range(c0, c1):
         t0 = bos + (c - c0) * BT
+        if PRE:
+            own = nxt
+            nxt = tl.load(
+                D + ((c + 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c + 1 < c1), other=0.0
+            )
         tl.store(hbuf + (c * H + i_h).to(tl.int64) * K * V + off_kv, S.to(hbuf.dtype.element_ty), mask=mkv)
-        rt = t0 + tl.arange(0, BT)
-        mt = rt < eos
-        m_tk = mt[:, None] & mk[None, :]
-        m_tv = mt[:, None] & mv[None, :]
-        off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
-        kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
-        if DELTA:
-            w = tl.load(W + off_tk, mask=m_tk, other=0.0)
-            u = tl.load(U + off_tv, mask=m_tv, other=0.0).to(tl.float32)
-            vv = u - mm(w, S, DTC)
-            tl.store(vnew + off_tv, vv.to(vnew.dtype.element_ty), mask=m_tv)
+        if PRE:
+            t_last = tl.minimum(t0 + BT, eos) - 1
+            if GKIND == 1:
+                S = S * tl.exp(last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND))
+            elif GKIND == 2:
+                S = S * tl.exp(last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND))[:, None]
+            S += own
         else:
-            vv = tl.load(v + off_tv, mask=m_tv, other=0.0)
-        t_last = tl.minimum(t0 + BT, eos) - 1
-        if GKIND == 1:
-            gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-            gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
-            kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
-            S = S * tl.exp(gl) + mm(tl.trans(kd), vv, DTC)
-        elif GKIND == 2:
-            gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-            gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
-            kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
-            S = S * tl.exp(gl)[:, None] + mm(tl.trans(kd), vv, DTC)
-        else:
-            S = S + mm(tl.trans(kk), vv, DTC)
+            rt = t0 + tl.arange(0, BT)
+            mt = rt < eos
+            m_tk = mt[:, None] & mk[None, :]
+            m_tv = mt[:, None] & mv[None, :]
+            off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+            off_tv = (rt.to(tl.int64)[:, None] * H + i_h) * V + rv[None, :]
+            kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
+            if DELTA:
+                w = tl.load(W + off_tk, mask=m_tk, other=0.0)
+                u = tl.load(U + off_tv, mask=m_tv, other=0.0).to(tl.float32)
+                vv = u - mm(w, S, DTC)
+                tl.store(vnew + off_tv, vv.to(vnew.dtype.element_ty), mask=m_tv)
+            else:
+                vv = tl.load(v + off_tv, mask=m_tv, other=0.0)
+            t_last = tl.minimum(t0 + BT, eos) - 1
+            if GKIND == 1:
+                gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
+                gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
+                kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+                S = S * tl.exp(gl) + mm(tl.trans(kd), vv, DTC)
+            elif GKIND == 2:
+                gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
+                gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+                kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
+                S = S * tl.exp(gl)[:, None] + mm(tl.trans(kd), vv, DTC)
+            else:
+                S = S + mm(tl.trans(kk), vv, DTC)
     if STORE_HT:
         tl.store(hT + i_nh.to(tl.int64) * K * V + off_kv, S, mask=mkv)
 

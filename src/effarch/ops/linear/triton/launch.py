@@ -105,6 +105,39 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
     return BK, BV
 
 
+# The additive rule's state passes: "fused" walks each sequence's chunks with the chunk's products inside the
+# sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
+# so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer).
+STATE_PASS = "fused"
+SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
+
+
+def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
+    """(BK, BV) blocks of the two-phase additive pass, which takes no products: any block is right, so the state
+    is cut into blocks of at most 1024 entries, and finer (down to 16 x 16) while fewer than SCAN_PROGRAMS run."""
+    BK, BV = _pow2(K), min(_pow2(V), 64)
+    count = lambda: n_heads * triton.cdiv(V, BV) * triton.cdiv(K, BK)  # noqa: E731
+    while BK > 16 and (BK * BV > 1024 or count() < SCAN_PROGRAMS):
+        BK //= 2
+    while BV > 16 and count() < SCAN_PROGRAMS:
+        BV //= 2
+    return BK, BV
+
+
+def chunk_terms(a, b, G, out, table: ChunkTable, chunk: int, scale: float, *, reverse: bool, dtc: int) -> None:
+    """Each chunk's own term of a state pass into out [NT, H, K, V] float32 (`chunk_outer_kernel`): the state
+    contribution (K e^R)^T V (a = k, b = v), or with `reverse` the gradient term scale (Q e^G)^T dO (a = q,
+    b = do)."""
+    _, H, K = a.shape
+    V = b.shape[-1]
+    BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
+    nkb = triton.cdiv(K, BK)
+    fwd_kernels.chunk_outer_kernel[(table.n_chunks, nkb * triton.cdiv(V, BV), H)](
+        a, b, a if G is None else G, out, table.chunk_tok, table.chunk_eos, scale,
+        H, K, V, chunk, BK, BV, nkb, gkind(G), reverse, dtc, num_warps=4,
+    )  # fmt: skip
+
+
 def gkind(g: torch.Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 2 else 2)
 
@@ -164,13 +197,20 @@ def forward_pieces(
         vnew = _empty_like(v)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
-    BKs, BV = state_blocks(K, V, N * H, split=g is not None and not delta)
     dummy = q
+    two_phase = STATE_PASS == "two_phase" and not delta
+    D = dummy
+    if two_phase:  # each chunk's term first (into h itself when it is float32), then decay and add
+        D = h if state_dtype == torch.float32 else _empty(NT, H, K, V, dtype=torch.float32, device=q.device)
+        chunk_terms(k, v, G, D, table, chunk, 1.0, reverse=False, dtc=dtc)
+        BKs, BV = scan_blocks(K, V, N * H)
+    else:
+        BKs, BV = state_blocks(K, V, N * H, split=g is not None and not delta)
     fwd_kernels.state_fwd_kernel[(triton.cdiv(V, BV), triton.cdiv(K, BKs), N * H)](
         k, v, dummy if W is None else W, dummy if U is None else U, dummy if G is None else G, h,
-        dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew,
+        dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew, D,
         table.cu, table.seq_chunk, H, K, V, chunk, BKs, BV, gkind(g), delta, h0 is not None, store_final, dtc,
-        num_warps=4,
+        two_phase, num_warps=4,
     )  # fmt: skip
     return ForwardPieces(G, X, W, U, h, vnew, hT)
 
