@@ -42,7 +42,7 @@ CASES = {  # name: (rule, decay kind, fla op name)
     "delta rule (DeltaNet)": ("delta", None, "chunk_delta_rule"),
     "gated delta (GDN)": ("delta", "scalar", "chunk_gated_delta_rule"),
 }
-STATE_PASSES = [None]  # --state-pass: the library's choice, or each form of the additive state passes in turn
+VARIANTS: list[dict] = [{}]  # --try: settings of effarch.ops.linear.triton.launch measured in turn ({}: as shipped)
 SHORT = dict(zip(("linear", "fixed", "scalar", "gla", "delta", "gdn"), CASES))  # --ops names
 
 
@@ -221,12 +221,10 @@ def speed(Ts, with_fla, peers, results, deadline=None):
         B = max(1, 32768 // T)  # B*T = 32K tokens; longer T run at B = 1
         io = B * T * H * D * 2
         for name, (rule, decay, fla_op) in CASES.items():
-            for form in STATE_PASSES:
-                if form is not None:
-                    launch.STATE_PASS = form
+            for variant in VARIANTS:
+                label = use_variant(variant)
                 call, tensors = ours_case(rule, decay, B, T)
                 extra = sum(x.numel() * x.element_size() for x in tensors[3:])
-                label = "ours" if form is None else f"ours ({form.replace('_', '-')})"
                 measure(f"{label}: {name}", call, tensors, flops_linear(rule, B, T), 4 * io + extra, results, T)
                 del call, tensors
             if with_fla:
@@ -239,6 +237,25 @@ def speed(Ts, with_fla, peers, results, deadline=None):
                 del call, tensors
         for label, (call, tensors) in attention_cases(B, T, peers).items():
             measure(label, call, tensors, 2 * B * H * T * T * D, 4 * io, results, T)
+
+
+def parse_variants(text: str) -> list[dict]:
+    """--try "NAME=a,b;OTHER=c,d" -> every combination, as dicts of launch settings (ints where they parse)."""
+    axes = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        name, _, values = part.partition("=")
+        name = name.strip()
+        if not hasattr(launch, name) or not name.isupper() or not values.strip():
+            raise ValueError(f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch module")
+        axes.append([(name, int(v) if v.strip().lstrip("-").isdigit() else v.strip()) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def use_variant(variant: dict) -> str:
+    """Applies the settings; returns the label of the rows measured with them."""
+    for name, value in variant.items():
+        setattr(launch, name, value)
+    return "ours" if not variant else "ours [" + " ".join(f"{n}={v}" for n, v in variant.items()) + "]"
 
 
 def step_ms(fn, *args, **kwargs) -> float:
@@ -312,10 +329,8 @@ def profile(T=8192) -> str:
     from torch.profiler import profile as torch_profile
 
     lines = []
-    for (name, (rule, decay, _)), form in itertools.product(CASES.items(), STATE_PASSES):
-        if form is not None:
-            launch.STATE_PASS = form
-            name = f"{name}, {form.replace('_', '-')} state passes"
+    for (name, (rule, decay, _)), variant in itertools.product(CASES.items(), VARIANTS):
+        name = f"{use_variant(variant)}: {name}"
         call, tensors = ours_case(rule, decay, max(1, 32768 // T), T)
         for _ in range(2):
             fwd_bwd(call, tensors)()
@@ -390,14 +405,17 @@ def main() -> None:
         help="products of the delta rule's reverse state pass (default: the library's choice)",
     )
     ap.add_argument(
-        "--state-pass",
-        default=None,
-        choices=["fused", "two_phase", "both"],
-        help="form of the additive rule's state passes (launch.STATE_PASS); both: each in turn, in the same run",
+        "--try",
+        dest="variants",
+        default="",
+        help='kernel settings to measure side by side, e.g. "STATE_PASS=fused,two_phase;GLA_INTRA_BWD_BK=0,32" '
+        "(every combination, each a row of its own)",
     )
     args = ap.parse_args()
-    if args.state_pass is not None:
-        STATE_PASSES[:] = ["fused", "two_phase"] if args.state_pass == "both" else [args.state_pass]
+    try:
+        VARIANTS[:] = parse_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
     if args.ops is not None:
         chosen = [o.strip() for o in args.ops.split(",") if o.strip()]
         unknown = [o for o in chosen if o not in SHORT]

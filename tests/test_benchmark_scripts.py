@@ -178,3 +178,24 @@ def test_conv_ops_script(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["B"], x["T"], x["C"]) for x in rows] == [(2, 40, 24), (1, 70, 8)]
     assert all(x["triton_err"] < 1e-5 and x["triton_fwd_ms"] > 0 and x["triton_fwdbwd_ms"] > 0 for x in rows)
+
+
+def test_linear_ops_kernel_variants_parse_and_apply(monkeypatch):
+    """`linear_ops.py --try`: every combination of the named launch settings, applied in turn; a name that is
+    not a launch setting is refused with the form expected."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import linear_ops
+
+    from effarch.ops.linear.triton import launch
+
+    variants = linear_ops.parse_variants("STATE_PASS=fused,two_phase; GLA_INTRA_BWD_BK=0,32")
+    assert variants == [{"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)]
+    assert linear_ops.parse_variants("") == [{}]
+    monkeypatch.setattr(launch, "STATE_PASS", launch.STATE_PASS)
+    monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", launch.GLA_INTRA_BWD_BK)
+    assert linear_ops.use_variant(variants[3]) == "ours [STATE_PASS=two_phase GLA_INTRA_BWD_BK=32]"
+    assert (launch.STATE_PASS, launch.GLA_INTRA_BWD_BK) == ("two_phase", 32)
+    assert linear_ops.use_variant({}) == "ours"
+    for bad in ("NOT_A_SETTING=1", "STATE_PASS", "triton=1"):
+        with pytest.raises(ValueError, match="NAME=v1,v2"):
+            linear_ops.parse_variants(bad)

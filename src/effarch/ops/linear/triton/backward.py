@@ -186,9 +186,10 @@ def chunk_backward(
             _empty(T, H, K, dtype=k.dtype, device=dev),
             f32(T, H, K),
         )
-        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, dA, dq, dk, dqo, dko, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK,
-            local_dtc, num_warps=8,
+        BKi = BK if launch.GLA_INTRA_BWD_BK == 0 else min(BK, launch.GLA_INTRA_BWD_BK)
+        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H, triton.cdiv(K, BKi))](
+            q, k, p.G, dA, dq, dk, dqo, dko, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BKi,
+            local_dtc, num_warps=launch.GLA_INTRA_BWD_WARPS,
         )  # fmt: skip
         dq, dk = dqo, dko
     if additive_decay:

@@ -471,16 +471,17 @@ def gla_intra_bwd_kernel(
     for the BC rows of sub-block i, with the same splitting of exponents as `gla_intra_kernel`: when the decay
     inside sub-block i spans at most SPREAD, one product each, split at its first token m for dq
     (exp(G_t - G_m) <= 1, exp(G_m - G_s) <= e^SPREAD) and at its last token l for dk (exp(G_t - G_l) <=
-    e^SPREAD for t in the sub-block, <= 1 after it; exp(G_l - G_s) <= 1). Grid (NT * BT / BC, H)."""
+    e^SPREAD for t in the sub-block, <= 1 after it; exp(G_l - G_s) <= 1). Every term is per key, so the keys
+    may be cut into blocks of BK, each choosing its form by its own spread. Grid (NT * BT / BC, H, cdiv(K, BK))."""
     NB: tl.constexpr = BT // BC
-    i_x, i_h = tl.program_id(0), tl.program_id(1)
+    i_x, i_h, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c = i_x // NB
     i = i_x % NB
     t0 = tl.load(chunk_tok + i_c)
     eos = tl.load(chunk_eos + i_c)
     rc = tl.arange(0, BC)
     rb = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = i_kb * BK + tl.arange(0, BK)
     mk = rk < K
     ri = t0 + i * BC + rc
     mi = ri < eos

@@ -109,6 +109,11 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 # sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
 # so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer).
 STATE_PASS = "fused"
+# GLA's intra-chunk backward: keys per program (0: all of them) and warps. Compiled for sm_90 at K = 128 with 8 warps,
+# whole-K programs take 255 registers per thread and spill; blocks of 64 keys take 210, of 32 keys 154 (186 with
+# 4 warps, two programs per SM).
+GLA_INTRA_BWD_BK = 0
+GLA_INTRA_BWD_WARPS = 8
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
 
 
