@@ -124,7 +124,8 @@ def chunk_backward(
         BVl = min(_pow2(V), 64)
         bwd_kernels.dv_local_kernel[(triton.cdiv(V, BVl), NT, H)](
             q, k, dummy if p.G is None else p.G, dummy if A is None else A, dummy if dh is None else dh, do, out,
-            table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots, num_warps=4,
+            table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots,
+            num_warps=launch.DV_LOCAL_WARPS,
         )  # fmt: skip
 
     # Delta rule: the chunk-local part of dU first; the reverse state pass adds (K e^R) dS to it in place.

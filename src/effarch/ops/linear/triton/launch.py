@@ -109,6 +109,13 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 # sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
 # so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer).
 STATE_PASS = "fused"
+# Warps per program of chunk-local kernels whose sm_90 build spills at K = V = 128 with 4 warps (ptxas, bf16):
+# delta_prep 2.7 KB per thread (52 B with 8), dv_local with tf32 products 1.2 KB (none with 8), out_fwd with a
+# scalar decay 0.4 KB (none with 8). Fewer spills need not mean faster (8 warps measured slower forward before):
+# kept at 4 until measured side by side (benchmarks/linear_ops.py --try).
+DELTA_PREP_WARPS = 4
+DV_LOCAL_WARPS = 4
+OUT_FWD_WARPS = 4
 # GLA's intra-chunk backward: keys per program (0: all of them) and warps. Compiled for sm_90 at K = 128 with 8 warps,
 # whole-K programs take 255 registers per thread and spill; blocks of 64 keys take 210, of 32 keys 154 (186 with
 # 4 warps, two programs per SM).
@@ -197,7 +204,7 @@ def forward_pieces(
         W, U = _empty_like(k), _empty_like(v)
         fwd_kernels.delta_prep_kernel[(NT, H)](
             k, v, beta, q if G is None else G, X, W, U, table.chunk_tok, table.chunk_eos,
-            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=4,
+            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=DELTA_PREP_WARPS,
         )  # fmt: skip
         vnew = _empty_like(v)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
@@ -252,7 +259,7 @@ def chunk_forward(
     BV = min(_pow2(V), 64)
     fwd_kernels.out_fwd_kernel[(triton.cdiv(V, BV), NT, H)](
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
-        table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=4,
+        table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=OUT_FWD_WARPS,
     )  # fmt: skip
     return o, p.hT, p.X if delta else A
 
