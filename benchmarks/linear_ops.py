@@ -30,7 +30,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 
 from effarch.ops.linear import linear_recurrence_reference  # noqa: E402
-from effarch.ops.linear.triton import launch, linear_recurrence_step_triton, linear_recurrence_triton  # noqa: E402
+from effarch.ops.linear.triton import (  # noqa: E402
+    backward,
+    launch,
+    linear_recurrence_step_triton,
+    linear_recurrence_triton,
+)
+
+SETTING_MODULES = (launch, backward)  # where --try finds the settings it names
 
 H, D, C = 16, 128, 64
 PARTIAL: str | None = None  # --json path, rewritten after every measurement
@@ -42,7 +49,7 @@ CASES = {  # name: (rule, decay kind, fla op name)
     "delta rule (DeltaNet)": ("delta", None, "chunk_delta_rule"),
     "gated delta (GDN)": ("delta", "scalar", "chunk_gated_delta_rule"),
 }
-VARIANTS: list[dict] = [{}]  # --try: settings of effarch.ops.linear.triton.launch measured in turn ({}: as shipped)
+VARIANTS: list[dict] = [{}]  # --try: kernel settings (launch, backward modules) measured in turn ({}: as shipped)
 SHORT = dict(zip(("linear", "fixed", "scalar", "gla", "delta", "gdn"), CASES))  # --ops names
 
 
@@ -245,8 +252,10 @@ def parse_variants(text: str) -> list[dict]:
     for part in [p.strip() for p in text.split(";") if p.strip()]:
         name, _, values = part.partition("=")
         name = name.strip()
-        if not hasattr(launch, name) or not name.isupper() or not values.strip():
-            raise ValueError(f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch module")
+        if not any(hasattr(m, name) for m in SETTING_MODULES) or not name.isupper() or not values.strip():
+            raise ValueError(
+                f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch or backward module"
+            )
         axes.append([(name, int(v) if v.strip().lstrip("-").isdigit() else v.strip()) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
 
@@ -254,7 +263,7 @@ def parse_variants(text: str) -> list[dict]:
 def use_variant(variant: dict) -> str:
     """Applies the settings; returns the label of the rows measured with them."""
     for name, value in variant.items():
-        setattr(launch, name, value)
+        setattr(next(m for m in SETTING_MODULES if hasattr(m, name)), name, value)
     return "ours" if not variant else "ours [" + " ".join(f"{n}={v}" for n, v in variant.items()) + "]"
 
 
@@ -423,8 +432,6 @@ def main() -> None:
             ap.error(f"--ops {args.ops!r}: valid names are {', '.join(SHORT)} (comma-separated)")
         for name in [n for short, n in SHORT.items() if short not in chosen]:
             del CASES[name]
-    from effarch.ops.linear.triton import backward
-
     if args.decay_grad_dots is not None:
         backward.DECAY_GRAD_DOTS = args.decay_grad_dots
     if args.state_bwd_dots is not None:

@@ -25,6 +25,8 @@ pytest.importorskip("triton")
 
 from effarch.ops.linear import linear_recurrence_chunked, linear_recurrence_reference  # noqa: E402
 from effarch.ops.linear.triton import (  # noqa: E402
+    backward,
+    bwd_kernels,
     launch,
     linear_recurrence_step_triton,
     linear_recurrence_triton,
@@ -181,6 +183,34 @@ def test_two_phase_state_passes_match_reference(case, shape, monkeypatch):
     ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
     assert_all_close(ours, ref, TOL.get(case, 1e-5))
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
+@pytest.mark.parametrize("dots", ["input", "tf32"])
+def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
+    """backward.DELTA_DQK_DOTS with bf16 inputs at K = 128: "tf32" runs the delta rule's dq / dk / dW kernel with
+    tf32 products (DTC 4) in blocks of 64 keys; both settings match the float32 reference to bf16 accuracy."""
+    monkeypatch.setattr(backward, "DELTA_DQK_DOTS", dots)
+    seen = []
+    kernel = bwd_kernels.dqk_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch_and_record(*args, **kwargs):
+                seen.append((args[-6], args[-1]))  # BK, DTC
+                return kernel[grid](*args, **kwargs)
+
+            return launch_and_record
+
+    monkeypatch.setattr(bwd_kernels, "dqk_kernel", Spy())
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 1, 70, 1, 128, 32, dtype=torch.bfloat16, seed=24)
+    kw["initial_state"] = kw["initial_state"] * 0.1
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q.float(), k.float(), v.float(), kw)
+    assert_all_close(ours, ref, 2e-2)
+    assert seen == [(64, 4 if dots == "tf32" else 3)]  # 3: the interpreter's emulated bf16 products
 
 
 def test_scan_blocks_cover_the_state_in_small_tiles():
@@ -389,6 +419,7 @@ SETTINGS = [
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
+    *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
 ]
 
 
@@ -397,7 +428,7 @@ SETTINGS = [
 def test_cuda_launch_settings_bf16(setting, monkeypatch):
     for name, value in setting.items():
         if name != "case":
-            monkeypatch.setattr(launch, name, value)
+            monkeypatch.setattr(launch if hasattr(launch, name) else backward, name, value)
     _check_bf16_against_float32(setting["case"], 2, 1000, 4, 128, 128)
 
 

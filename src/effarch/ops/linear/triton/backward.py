@@ -26,6 +26,10 @@ from effarch.ops.linear.triton.layout import ChunkTable
 # chunk-local kernel only and 7.4e-3 with tf32 everywhere, as q dq - k dk cancels.
 STATE_BWD_DOTS = "tf32"
 DECAY_GRAD_DOTS = "tf32"
+# The delta rule's dq / dk / dW kernel: with products in the input dtype it must hold all K keys per program (blocks
+# of 64 gave wrong dk in bf16 on an H200, see dqk_kernel's launch), and its sm_90 build then spills 1.5 KB per thread
+# at K = V = 128; with tf32 products it runs in blocks of 64 keys. "input" until measured side by side.
+DELTA_DQK_DOTS = "input"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -158,7 +162,8 @@ def chunk_backward(
     dw = f32(T, H, K) if delta else None
     # Key columns per program: with blocks of 64 the [C, BK] float32 accumulators stay in registers. Not with
     # native 16-bit products (DTC 1, 2): there the split gave wrong dk for the delta rule on an H200 with Triton 3.6.
-    BKq = BK if local_dtc in (1, 2) else min(BK, 64)
+    dqk_dtc = 4 if (half and delta and DELTA_DQK_DOTS == "tf32") else local_dtc
+    BKq = BK if dqk_dtc in (1, 2) else min(BK, 64)
     NKq = triton.cdiv(K, BKq)
     dgx = f32(NKq, T, H) if gk == 1 else None
     dA = f32(T, H, chunk) if gk == 2 else None
@@ -166,7 +171,7 @@ def chunk_backward(
         q, k, v if p.vnew is None else p.vnew, dummy if p.G is None else p.G, p.h, dh, do, dummy if dU is None else dU,
         dq, dk, dummy if dw is None else dw, dummy if dgx is None else dgx, dummy if dA is None else dA,
         table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), 32), gk, delta,
-        local_dtc, num_warps=8, num_stages=1,
+        dqk_dtc, num_warps=8, num_stages=1,
     )  # fmt: skip
     if dgx is not None:
         dgx = dgx.sum(0) if NKq > 1 else dgx[0]
