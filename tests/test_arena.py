@@ -478,6 +478,39 @@ def test_report_only_bad_input(tmp_path, text_file, kw, match):
         run_arena(_opts(tmp_path / "empty", text_file, report_only=True, **kw))
 
 
+def test_report_appended_to_a_results_file(finished, tmp_path):
+    """--results: the report's figures as a dated section (its own header line: where they were measured),
+    headings moved under the section's, plots left out; appended again on a second call, the file kept."""
+    from effarch.arena.cli import append_report
+
+    out, _ = finished
+    report = (out / "report.md").read_text()
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# effarch benchmark results\n\n## 2026-01-01 - earlier\n\nkept\n")
+    append_report(out / "report.md", results)
+    append_report(out / "report.md", results)
+    text = results.read_text()
+    assert text.startswith("# effarch benchmark results\n\n## 2026-01-01 - earlier\n\nkept\n")
+    header = report.splitlines()[2]  # "<date> on <machine> ...; torch ..."
+    date = header.split(" ", 1)[0]
+    assert text.count(f"## {date} - Arena, tiny suite\n\n{header}\n") == 2
+    assert "#### Verdict" in text and "#### Quality" in text and "\n## Verdict" not in text
+    assert "![" not in text and "Plots" not in text
+    table_rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert table_rows and all(text.count(row) >= 2 for row in table_rows)
+
+
+def test_results_flag_refuses_a_folder_and_a_report_that_is_not_the_arenas(tmp_path, capsys):
+    from effarch.arena.report import results_section
+    from effarch.cli import main
+
+    code = main(["arena", "--report-only", "--out", str(tmp_path / "o"), "--results", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "is a folder" in err
+    with pytest.raises(ValueError, match="arena's title"):
+        results_section("# something else\n")
+
+
 def test_cells_record_the_code_and_the_report_flags_mixed_versions(finished, tmp_path, text_file):
     from effarch.arena.store import code_stamp
 

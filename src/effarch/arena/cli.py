@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="rewrite report.md and the plots from --out's results.json; runs nothing (no GPU needed)",
     )
+    parser.add_argument(
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="also append the report's figures as a dated section to this markdown file (e.g. benchmarks/RESULTS.md)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,8 +103,14 @@ def run(args: argparse.Namespace) -> int:
         report_only=args.report_only,
         redo=[r.strip() for r in args.redo.split(",") if r.strip()] if args.redo else None,
     )
+    results_file = getattr(args, "results", None)
+    if results_file is not None and Path(results_file).is_dir():
+        raise ValueError(f"--results {results_file!r} is a folder; give the markdown file to append to")
     result = run_arena(opts)
     where = result.out / "report.md"
+    if results_file is not None:
+        append_report(where, Path(results_file))
+        print(f"arena: figures appended to {results_file}")
     if opts.report_only:
         state = "complete" if result.complete else "partial"
         print(f"arena: report rewritten from {result.cells_skipped} stored cells ({state}): {where}")
@@ -117,6 +129,18 @@ def run(args: argparse.Namespace) -> int:
     if result.cells_failed:
         print(f"arena: {result.cells_failed} cells failed; see the Notes in {where}", file=sys.stderr)
     return 0
+
+
+def append_report(report: Path, results: Path) -> None:
+    """Append the report as a dated section to `results` (atomically; the file is created if missing)."""
+    from effarch.arena.report import results_section
+    from effarch.benchmarking import RESULTS_TITLE
+    from effarch.utils import atomic_write_text
+
+    title, body = results_section(report.read_text(encoding="utf-8"))
+    date = body.split(" ", 1)[0]
+    old = results.read_text(encoding="utf-8") if results.exists() else RESULTS_TITLE
+    atomic_write_text(results, old.rstrip("\n") + f"\n\n## {date} - {title}\n\n{body}\n")
 
 
 def summary_table(results_path: Path) -> str:
