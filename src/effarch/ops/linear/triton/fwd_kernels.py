@@ -199,20 +199,18 @@ def delta_prep_kernel(
         other=0.0,
     )
     bt = tl.load(beta + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0).to(tl.float32)
-    kf = tl.load(
-        k + (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mt[:, None] & mk[None, :], other=0.0
-    ).to(tl.float32)
     if HAS_G:
         gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
         bk = bt * tl.exp(gt)
     else:
         bk = bt
-    w = mm(xf, kf * bk[:, None], DTC)
-    tl.store(
-        W + (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :],
-        w.to(W.dtype.element_ty),
-        mask=mt[:, None] & mk[None, :],
-    )
+    # in column blocks of BV, W's as U's: a whole [BT, K] float32 operand and product spilled registers on sm_90
+    for i_k in range(0, tl.cdiv(K, BV)):
+        rkw = i_k * BV + tl.arange(0, BV)
+        m_tkw = mt[:, None] & (rkw < K)[None, :]
+        off_tkw = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkw[None, :]
+        kf = tl.load(k + off_tkw, mask=m_tkw, other=0.0).to(tl.float32)
+        tl.store(W + off_tkw, mm(xf, kf * bk[:, None], DTC).to(W.dtype.element_ty), mask=m_tkw)
     for i_v in range(0, tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
