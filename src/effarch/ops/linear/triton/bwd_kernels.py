@@ -383,10 +383,6 @@ def wy_bwd_kernel(
     rb = tl.arange(0, BT)
     rt = t0 + rb
     mt = rt < eos
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    m_tk = mt[:, None] & mk[None, :]
-    off_tk = (rt.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
     bt = tl.load(beta + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0).to(tl.float32)
     # X^T [BT, BT] loaded transposed: xT[s, t] = X[t, s], zero above the block diagonal of X
     xT = tl.load(X + (rt.to(tl.int64)[None, :] * H + i_h) * BT + rb[:, None],
@@ -406,24 +402,32 @@ def wy_bwd_kernel(
         dbeta_acc += tl.sum(dru * vv, axis=1)
     causal = (rb[:, None] >= rb[None, :]) & mt[:, None]
     strict = (rb[:, None] > rb[None, :]) & mt[:, None]
-    kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
-    kf = kk.to(tl.float32)
     if GKIND == 1:
         gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
         eq = tl.exp(gt)[:, None]
         gam = tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
     else:
         eq = 1.0
-    kg = kf * eq  # e^G K
-    rw = kg * bt[:, None]  # diag(b e^G) K
-    dww = tl.load(dw + off_tk, mask=m_tk, other=0.0)
-    dx = mm(dww, tl.trans(rw), DTC) + dxu
-    drw = mm(xT, dww, DTC)  # X^T dW
-    dkk = tl.load(dk_part + off_tk, mask=m_tk, other=0.0) + drw * eq * bt[:, None]
-    dbeta_acc += tl.sum(drw * kg, axis=1)
+    # The key columns in blocks of BV (whole [BT, K] float32 tiles spilled registers on sm_90): a first sweep
+    # sums what needs every key (dX, K K^T and the per-token sums), a second writes dk.
+    kkt = tl.zeros([BT, BT], dtype=tl.float32)
+    dx = dxu
+    dgw = tl.zeros([BT], dtype=tl.float32)  # sum over keys of X^T dW * diag(b e^G) K, for the decay gradient
+    for i_k in range(0, tl.cdiv(K, BV)):
+        rkc = i_k * BV + tl.arange(0, BV)
+        m_tkc = mt[:, None] & (rkc < K)[None, :]
+        off_tkc = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkc[None, :]
+        kk = tl.load(k + off_tkc, mask=m_tkc, other=0.0)
+        kg = kk.to(tl.float32) * eq  # e^G K
+        rw = kg * bt[:, None]  # diag(b e^G) K
+        dww = tl.load(dw + off_tkc, mask=m_tkc, other=0.0)
+        dx += mm(dww, tl.trans(rw), DTC)
+        drw = mm(xT, dww, DTC)  # X^T dW
+        dbeta_acc += tl.sum(drw * kg, axis=1)
+        dgw += tl.sum(drw * rw, axis=1)
+        kkt += mm(kk, tl.trans(kk), DTC)
     da = -mm(xT, mm(dx, xT, DTC), DTC)  # -X^T dX X^T
     da = tl.where(strict, da, 0.0)
-    kkt = mm(kk, tl.trans(kk), DTC)
     if GKIND == 1:
         kkt = kkt * gam
     kkt = tl.where(strict, kkt, 0.0)
@@ -431,14 +435,21 @@ def wy_bwd_kernel(
     mmat = da * bt[:, None]
     if GKIND == 1:
         mmat = mmat * gam
-    dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
-    tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
+    for i_k in range(0, tl.cdiv(K, BV)):
+        rkc = i_k * BV + tl.arange(0, BV)
+        m_tkc = mt[:, None] & (rkc < K)[None, :]
+        off_tkc = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkc[None, :]
+        kf = tl.load(k + off_tkc, mask=m_tkc, other=0.0).to(tl.float32)
+        drw = mm(xT, tl.load(dw + off_tkc, mask=m_tkc, other=0.0), DTC)
+        dkk = tl.load(dk_part + off_tkc, mask=m_tkc, other=0.0) + drw * eq * bt[:, None]
+        dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
+        tl.store(dk + off_tkc, dkk.to(dk.dtype.element_ty), mask=m_tkc)
     tl.store(dbeta + rt.to(tl.int64) * H + i_h, dbeta_acc.to(dbeta.dtype.element_ty), mask=mt)
     if GKIND == 1:
         # the gradient w.r.t. the chunk-local cumsum G, then dg = its reverse cumsum within the chunk
         d2 = da * kkt * bt[:, None]  # score decay in A
         dG = tl.load(dgx + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-        dG += tl.sum(d2, axis=1) - tl.sum(d2, axis=0) + tl.sum(drw * rw, axis=1)  # and e^G in diag(b e^G) K
+        dG += tl.sum(d2, axis=1) - tl.sum(d2, axis=0) + dgw  # and e^G in diag(b e^G) K
         dG = tl.where(mt, dG, 0.0)
         dgg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
         tl.store(dg + rt.to(tl.int64) * H + i_h, dgg, mask=mt)
