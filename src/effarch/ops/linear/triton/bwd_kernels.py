@@ -193,16 +193,16 @@ def dv_local_kernel(
             mask=mk[:, None] & mv[None, :],
             other=0.0,
         )
-        if GKIND == 1:
+        if GKIND == 1:  # (K e^R) dS = e^R (K dS) for a scalar decay: no float32 copy of K
             gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)
-            kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+            acc += mm(kk, ds, DTC) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
         elif GKIND == 2:
             gk = tl.load(G + off_tk, mask=m_tk, other=0.0)
             gl = tl.sum(tl.where((rt == t_last)[:, None], gk, 0.0), axis=0)
             kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gk, float("-inf")))
+            acc += mm(kd, ds, DTC)
         else:
-            kd = kk
-        acc += mm(kd, ds, DTC)
+            acc += mm(kk, ds, DTC)
     tl.store(out + off_tv, acc.to(out.dtype.element_ty), mask=m_tv)
 
 
@@ -324,11 +324,14 @@ def dqk_kernel(
                 # state update and the decayed state itself (at the chunk's last token)
                 dG = tl.sum(dq_in * qf, axis=1)
                 if i_k == 0:  # the score decay needs the scores, over all keys
-                    rkf = tl.arange(0, BKF)
-                    off_f = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkf[None, :]
-                    m_f = mt[:, None] & (rkf < K)[None, :]
-                    qa = tl.load(q + off_f, mask=m_f, other=0.0)
-                    ka = tl.load(k + off_f, mask=m_f, other=0.0)
+                    if BK == BKF:  # this program holds every key already
+                        qa, ka = qq, kk
+                    else:
+                        rkf = tl.arange(0, BKF)
+                        off_f = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkf[None, :]
+                        m_f = mt[:, None] & (rkf < K)[None, :]
+                        qa = tl.load(q + off_f, mask=m_f, other=0.0)
+                        ka = tl.load(k + off_f, mask=m_f, other=0.0)
                     p = tl.where(causal, mm(qa, tl.trans(ka), DTC) * gam, 0.0) * scale
                     d1 = dp * p
                     dG += tl.sum(d1, axis=1) - tl.sum(d1, axis=0)

@@ -525,9 +525,9 @@ def out_fwd_kernel(
     else:
         kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
         a = mm(qq, tl.trans(kk), DTC)
-        if GKIND == 1:
+        if GKIND == 1:  # (Q e^G) S_0 = e^G (Q S_0) for a scalar decay: no float32 copy of Q
             gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-            acc = mm(qq.to(tl.float32) * tl.exp(gt)[:, None], S0, DTC)
+            acc = mm(qq, S0, DTC) * tl.exp(gt)[:, None]
             a = a * tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
         else:
             acc = mm(qq, S0, DTC)
