@@ -128,7 +128,7 @@ def chunk_backward(
         BVl = min(_pow2(V), 64)
         bwd_kernels.dv_local_kernel[(triton.cdiv(V, BVl), NT, H)](
             q, k, dummy if p.G is None else p.G, dummy if A is None else A, dummy if dh is None else dh, do, out,
-            table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots,
+            table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots, min(BK, 64),
             num_warps=launch.DV_LOCAL_WARPS,
         )  # fmt: skip
 

@@ -163,22 +163,24 @@ def dv_local_kernel(
     GKIND: tl.constexpr,
     ADD_STATE: tl.constexpr,
     DTC: tl.constexpr,
+    BKS: tl.constexpr,
 ):
     """out = scale (Q K^T * Gamma * M)^T dO for one chunk, head and BV columns, plus (K e^R) dS with
     ADD_STATE (dS = dhbuf[c], the gradient w.r.t. the state leaving the chunk): the additive rule's dv, or the
     delta rule's chunk-local part of dU before the reverse state pass adds the rest. Per-key decay reads the
-    intra-chunk scores from A. Grid (cdiv(V, BV), NT, H)."""
+    intra-chunk scores from A and takes the state term in blocks of BKS keys (whole-K float32 tiles spilled
+    registers on sm_90). Grid (cdiv(V, BV), NT, H)."""
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos, rb, rt, mt, rk, rv, mk, mv, m_tk, m_tv, off_tk, off_tv = chunk_tile(
         chunk_tok, chunk_eos, i_c, i_h, i_v, H, K, V, BT, BK, BV
     )
     # transposed scores pT[s, t] (key s, query t), nonzero for t >= s
     causal_t = (rb[:, None] <= rb[None, :]) & mt[None, :]
-    kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
     t_last = tl.minimum(t0 + BT, eos) - 1
     if GKIND == 2:
         pT = tl.load(A + (rt.to(tl.int64)[None, :] * H + i_h) * BT + rb[:, None], mask=causal_t, other=0.0)
     else:
+        kk = tl.load(k + off_tk, mask=m_tk, other=0.0)
         qq = tl.load(q + off_tk, mask=m_tk, other=0.0)
         pT = mm(kk, tl.trans(qq), DTC)
         if GKIND == 1:
@@ -187,7 +189,23 @@ def dv_local_kernel(
         pT = tl.where(causal_t, pT, 0.0)
     dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
     acc = scale * mm(pT, dd, DTC)
-    if ADD_STATE:
+    if ADD_STATE and GKIND == 2:
+        for i_k in tl.static_range(0, (K + BKS - 1) // BKS):
+            rks = i_k * BKS + tl.arange(0, BKS)
+            mks = rks < K
+            m_tks = mt[:, None] & mks[None, :]
+            off_tks = (rt.to(tl.int64)[:, None] * H + i_h) * K + rks[None, :]
+            gk = tl.load(G + off_tks, mask=m_tks, other=0.0)
+            gl = last_log_decay(G, t0, t_last, i_h, rks, mks, H, K, GKIND)
+            kd = tl.load(k + off_tks, mask=m_tks, other=0.0).to(tl.float32)
+            kd = kd * tl.exp(tl.where(mt[:, None], gl[None, :] - gk, float("-inf")))
+            ds = tl.load(
+                dhbuf + (i_c * H + i_h).to(tl.int64) * K * V + rks[:, None] * V + rv[None, :],
+                mask=mks[:, None] & mv[None, :],
+                other=0.0,
+            )
+            acc += mm(kd, ds, DTC)
+    elif ADD_STATE:
         ds = tl.load(
             dhbuf + (i_c * H + i_h).to(tl.int64) * K * V + rk[:, None] * V + rv[None, :],
             mask=mk[:, None] & mv[None, :],
@@ -196,11 +214,6 @@ def dv_local_kernel(
         if GKIND == 1:  # (K e^R) dS = e^R (K dS) for a scalar decay: no float32 copy of K
             gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)
             acc += mm(kk, ds, DTC) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
-        elif GKIND == 2:
-            gk = tl.load(G + off_tk, mask=m_tk, other=0.0)
-            gl = tl.sum(tl.where((rt == t_last)[:, None], gk, 0.0), axis=0)
-            kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gk, float("-inf")))
-            acc += mm(kd, ds, DTC)
         else:
             acc += mm(kk, ds, DTC)
     tl.store(out + off_tv, acc.to(out.dtype.element_ty), mask=m_tv)
