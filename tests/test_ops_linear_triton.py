@@ -231,10 +231,11 @@ def test_per_key_decay_mild_and_strong(strength, key_block, monkeypatch):
     """The per-key intra-chunk kernels take one product per sub-block when its decay spans at most SPREAD in
     log space, and the column-by-column form otherwise: log decays of -strength * U(0, 1) per token put
     sub-blocks of 16 tokens on either side (at 30, some keys decay by more than 40 within a sub-block).
-    key_block 16: the backward's programs take 16 of the 40 keys each (the last block partly masked), each
-    block choosing its form by its own keys' spread ("mixed": mild decay on the first 16 keys only)."""
+    key_block 16: the scores sum over blocks of 16 of the 40 keys, and the backward's programs take 16 keys each
+    (the last block partly masked), each block choosing its form by its own keys' spread ("mixed": mild decay on the first 16 keys only)."""
     monkeypatch.setattr(ops, "CHUNK", 64)
     monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", key_block)
+    monkeypatch.setattr(launch, "GLA_INTRA_BK", key_block)
     q, k, v, kw = make("additive", "per_key", 2, 70, 2, 40, 16, seed=23)
     scale = torch.full((40,), 30.0) if strength != "mixed" else torch.cat([torch.ones(16), torch.full((24,), 30.0)])
     if strength != "mixed":
@@ -420,6 +421,7 @@ SETTINGS = [
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
+    {"GLA_INTRA_BK": 0, "case": "per_key"},
 ]
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from effarch.ops.linear.triton import bwd_kernels, fwd_kernels, launch
+from effarch.ops.linear.triton import bwd_kernels, launch
 from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind, state_blocks
 from effarch.ops.linear.triton.layout import ChunkTable
 
@@ -114,10 +114,7 @@ def chunk_backward(
                        state_dtype=state_dtype, X=saved if delta else None)  # fmt: skip
     A = saved if gk == 2 else None
     if gk == 2 and A is None:
-        A = _empty(T, H, chunk, dtype=torch.float32, device=dev)
-        fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
-        )
+        A = launch.gla_scores(q, k, p.G, table, chunk)
     half = q.dtype != torch.float32
     state_dtc = (
         4 if (half and (delta and STATE_BWD_DOTS == "tf32" or additive_decay and DECAY_GRAD_DOTS == "tf32")) else dtc

@@ -237,16 +237,16 @@ def gla_intra_kernel(
     K: tl.constexpr,
     BT: tl.constexpr,
     BC: tl.constexpr,
-    BK: tl.constexpr,
+    BKI: tl.constexpr,
     DTC: tl.constexpr,
     SPREAD: tl.constexpr = 40.0,
 ):
     """Per-key decay: A[t, s] = sum_c q_tc k_sc exp(G_tc - G_sc) for s <= t in the chunk, else 0; float32
     [T, H, BT]. Grid (NT * BT / BC, H): one program per query sub-block i of BC rows.
 
-    When the decay inside sub-block i spans at most SPREAD in log space on every key (G_m - G_l <= SPREAD, m its
-    first token and l its last), all keys up to l are taken in one [BC, K] x [K, BT] product split at m:
-    exp(G_t - G_s) = exp(G_t - G_m) exp(G_m - G_s), the first factor <= 1 and the second <= e^SPREAD, so
+    When the decay inside sub-block i spans at most SPREAD in log space on every key of a block of BKI keys
+    (G_m - G_l <= SPREAD, m its first token and l its last), that block's keys up to l are taken in one
+    [BC, BKI] x [BKI, BT] product split at m: exp(G_t - G_s) = exp(G_t - G_m) exp(G_m - G_s), the first factor <= 1 and the second <= e^SPREAD, so
     nothing overflows. Otherwise keys before sub-block i are split at r, the token just before it (both
     exponents <= 0), and keys inside it take exponent differences formed directly, one key column at a time.
     """
@@ -258,29 +258,32 @@ def gla_intra_kernel(
     eos = tl.load(chunk_eos + i_c)
     rc = tl.arange(0, BC)
     rb = tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    mk = rk < K
     ri = t0 + i * BC + rc
     mi = ri < eos
-    off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-    qi = tl.load(q + off_i, mask=mi[:, None] & mk[None, :], other=0.0).to(tl.float32)
-    gi = tl.load(G + off_i, mask=mi[:, None] & mk[None, :], other=0.0)
-    acc = tl.zeros([BC, BT], dtype=tl.float32)
     m0 = t0 + i * BC
     l0 = tl.minimum(m0 + BC, eos) - 1
-    gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
-    gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
-    if tl.max(gm - gl, axis=0) <= SPREAD:
-        rs = t0 + rb
-        ms = (rb < (i + 1) * BC) & (rs < eos) & (rb * 0 + m0 < eos)  # none for a sub-block past the end (G_m read as 0)
-        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-        ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
-        ks = ks * tl.exp(tl.where(ms[:, None], gm[None, :] - gs, float("-inf")))
-        qm = qi * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
-        acc = tl.where(rb[None, :] <= i * BC + rc[:, None], mm(qm, tl.trans(ks), DTC), 0.0)
-    else:
-        acc = _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H, K, BT, BC, BK, DTC)
+    acc = tl.zeros([BC, BT], dtype=tl.float32)
+    # The keys in blocks of BKI, each taking its form by its own spread: the sum over keys splits, and whole-K
+    # float32 tiles spilled registers on sm_90.
+    for i_k in tl.static_range(0, (K + BKI - 1) // BKI):
+        rk = i_k * BKI + tl.arange(0, BKI)
+        mk = rk < K
+        off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        qi = tl.load(q + off_i, mask=mi[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        gi = tl.load(G + off_i, mask=mi[:, None] & mk[None, :], other=0.0)
+        gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
+        gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
+        if tl.max(gm - gl, axis=0) <= SPREAD:
+            rs = t0 + rb
+            ms = (rb < (i + 1) * BC) & (rs < eos) & (rb * 0 + m0 < eos)  # none past the end (G_m read as 0)
+            off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+            ks = tl.load(k + off_s, mask=ms[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            gs = tl.load(G + off_s, mask=ms[:, None] & mk[None, :], other=0.0)
+            ks = ks * tl.exp(tl.where(ms[:, None], gm[None, :] - gs, float("-inf")))
+            qm = qi * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
+            acc += tl.where(rb[None, :] <= i * BC + rc[:, None], mm(qm, tl.trans(ks), DTC), 0.0)
+        else:
+            acc += _gla_intra_by_columns(q, k, G, qi, gi, t0, eos, i, i_h, rc, rb, rk, mk, H, K, BT, BC, BKI, DTC)
     tl.store(A + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], acc, mask=mi[:, None])
 
 

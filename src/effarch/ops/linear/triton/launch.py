@@ -116,6 +116,9 @@ STATE_PASS = "fused"
 DELTA_PREP_WARPS = 4
 DV_LOCAL_WARPS = 4
 OUT_FWD_WARPS = 4
+# GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
+# sm_90 with 4 warps).
+GLA_INTRA_BK = 64
 # GLA's intra-chunk backward: keys per program (0: all of them) and warps. Compiled for sm_90 at K = 128 with 8 warps,
 # whole-K programs take 255 registers per thread and spill; blocks of 64 keys take 210, of 32 keys 154 (186 with
 # 4 warps, two programs per SM).
@@ -227,6 +230,18 @@ def forward_pieces(
     return ForwardPieces(G, X, W, U, h, vnew, hT)
 
 
+def gla_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, table: ChunkTable, chunk: int) -> torch.Tensor:
+    """Per-key decay's intra-chunk scores A [T, H, chunk] float32 (`gla_intra_kernel`)."""
+    T, H, K = q.shape
+    BK = _pow2(K)
+    A = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
+    fwd_kernels.gla_intra_kernel[(table.n_chunks * (chunk // SUBBLOCK), H)](
+        q, k, G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK,
+        BK if GLA_INTRA_BK == 0 else min(BK, GLA_INTRA_BK), dot_code(q.dtype), num_warps=4,
+    )  # fmt: skip
+    return A
+
+
 def chunk_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -249,12 +264,7 @@ def chunk_forward(
     p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=store_final,
                        state_dtype=state_dtype)  # fmt: skip
     BK, dtc, NT = _pow2(K), dot_code(q.dtype), table.n_chunks
-    A = None
-    if g is not None and g.dim() == 3:
-        A = _empty(T, H, chunk, dtype=torch.float32, device=q.device)
-        fwd_kernels.gla_intra_kernel[(NT * (chunk // SUBBLOCK), H)](
-            q, k, p.G, A, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BK, dtc, num_warps=4
-        )
+    A = gla_scores(q, k, p.G, table, chunk) if g is not None and g.dim() == 3 else None
     o = _empty_like(v)
     BV = min(_pow2(V), 64)
     fwd_kernels.out_fwd_kernel[(triton.cdiv(V, BV), NT, H)](
