@@ -490,6 +490,7 @@ def gla_intra_bwd_kernel(
     BC: tl.constexpr,
     BK: tl.constexpr,
     DTC: tl.constexpr,
+    BKI: tl.constexpr,
     SPREAD: tl.constexpr = 40.0,
 ):
     """Per-key decay: adds the intra-chunk terms to dq and dk (float32, holding the inter-chunk ones), writes
@@ -499,7 +500,8 @@ def gla_intra_bwd_kernel(
     inside sub-block i spans at most SPREAD, one product each, split at its first token m for dq
     (exp(G_t - G_m) <= 1, exp(G_m - G_s) <= e^SPREAD) and at its last token l for dk (exp(G_t - G_l) <=
     e^SPREAD for t in the sub-block, <= 1 after it; exp(G_l - G_s) <= 1). Every term is per key, so the keys
-    may be cut into blocks of BK, each choosing its form by its own spread. Grid (NT * BT / BC, H, cdiv(K, BK))."""
+    may be cut into programs of BK keys and those into blocks of BKI, each choosing its form by its own spread.
+    Grid (NT * BT / BC, H, cdiv(K, BK))."""
     NB: tl.constexpr = BT // BC
     i_x, i_h, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c = i_x // NB
@@ -508,49 +510,52 @@ def gla_intra_bwd_kernel(
     eos = tl.load(chunk_eos + i_c)
     rc = tl.arange(0, BC)
     rb = tl.arange(0, BT)
-    rk = i_kb * BK + tl.arange(0, BK)
-    mk = rk < K
     ri = t0 + i * BC + rc
     mi = ri < eos
-    m_ik = mi[:, None] & mk[None, :]
-    off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
-    gi = tl.load(G + off_i, mask=m_ik, other=0.0)
     rs = t0 + rb
     ms = rs < eos
-    off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
     m0 = t0 + i * BC
     l0 = tl.minimum(m0 + BC, eos) - 1
-    gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
-    gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
-    if tl.max(gm - gl, axis=0) <= SPREAD:
-        # dq: keys s up to the sub-block's end (dA is zero above the diagonal), split at m
-        mb = (rb < (i + 1) * BC) & ms & (rb * 0 + m0 < eos)  # none for a sub-block past the end (G_m read as 0)
-        ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
-        ks = ks * tl.exp(tl.where(mb[:, None], gm[None, :] - gs, float("-inf")))
-        da_i = tl.load(dA + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
-                       mask=mi[:, None] & (rb[None, :] <= i * BC + rc[:, None]), other=0.0)  # fmt: skip
-        acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
-        # dk: queries t from the sub-block's start, split at l
-        ma = (rb >= i * BC) & ms & (rb * 0 + m0 < eos)
-        qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
-        qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gl[None, :], float("-inf")))
-        # dA[:, sub-block i] transposed: [BC, BT], row s holds dA[t, s] for t >= s
-        da_t = tl.load(dA + (rs.to(tl.int64)[None, :] * H + i_h) * BT + i * BC + rc[:, None],
-                       mask=ma[None, :] & mi[:, None] & (rb[None, :] >= i * BC + rc[:, None]), other=0.0)  # fmt: skip
-        acc_k = mm(da_t, qs, DTC) * tl.exp(tl.where(mi[:, None], gl[None, :] - gi, float("-inf")))
-    else:
-        acc_q, acc_k = _gla_intra_bwd_by_columns(
-            q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, rk, mk, rs, ms, off_s, H, K, BT, BC, BK, NB, DTC
-        )
-    dq_new = tl.load(dq + off_i, mask=m_ik, other=0.0) + acc_q
-    dk_new = tl.load(dk + off_i, mask=m_ik, other=0.0) + acc_k
-    tl.store(dqo + off_i, dq_new.to(dqo.dtype.element_ty), mask=m_ik)
-    tl.store(dko + off_i, dk_new.to(dko.dtype.element_ty), mask=m_ik)
-    qi = tl.load(q + off_i, mask=m_ik, other=0.0).to(tl.float32)
-    ki = tl.load(k + off_i, mask=m_ik, other=0.0).to(tl.float32)
-    tl.store(xg + off_i, qi * dq_new - ki * dk_new, mask=m_ik)
+    # The program's keys in blocks of BKI (whole-K float32 tiles spilled registers on sm_90), each choosing its
+    # form by its own spread.
+    for i_kk in tl.static_range(0, BK // BKI):
+        rk = i_kb * BK + i_kk * BKI + tl.arange(0, BKI)
+        mk = rk < K
+        m_ik = mi[:, None] & mk[None, :]
+        off_i = (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        gi = tl.load(G + off_i, mask=m_ik, other=0.0)
+        off_s = (rs.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :]
+        gm = tl.load(G + (m0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + m0 < eos), other=0.0)
+        gl = tl.load(G + (l0.to(tl.int64) * H + i_h) * K + rk, mask=mk & (rk * 0 + l0 >= m0), other=0.0)
+        if tl.max(gm - gl, axis=0) <= SPREAD:
+            # dq: keys s up to the sub-block's end (dA is zero above the diagonal), split at m
+            mb = (rb < (i + 1) * BC) & ms & (rb * 0 + m0 < eos)  # none for a sub-block past the end (G_m read as 0)
+            ks = tl.load(k + off_s, mask=mb[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            gs = tl.load(G + off_s, mask=mb[:, None] & mk[None, :], other=0.0)
+            ks = ks * tl.exp(tl.where(mb[:, None], gm[None, :] - gs, float("-inf")))
+            da_i = tl.load(dA + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
+                           mask=mi[:, None] & (rb[None, :] <= i * BC + rc[:, None]), other=0.0)  # fmt: skip
+            acc_q = mm(da_i, ks, DTC) * tl.exp(tl.where(mi[:, None], gi - gm[None, :], float("-inf")))
+            # dk: queries t from the sub-block's start, split at l
+            ma = (rb >= i * BC) & ms & (rb * 0 + m0 < eos)
+            qs = tl.load(q + off_s, mask=ma[:, None] & mk[None, :], other=0.0).to(tl.float32)
+            gs2 = tl.load(G + off_s, mask=ma[:, None] & mk[None, :], other=0.0)
+            qs = qs * tl.exp(tl.where(ma[:, None], gs2 - gl[None, :], float("-inf")))
+            # dA[:, sub-block i] transposed: [BC, BT], row s holds dA[t, s] for t >= s
+            da_t = tl.load(dA + (rs.to(tl.int64)[None, :] * H + i_h) * BT + i * BC + rc[:, None],
+                           mask=ma[None, :] & mi[:, None] & (rb[None, :] >= i * BC + rc[:, None]), other=0.0)  # fmt: skip
+            acc_k = mm(da_t, qs, DTC) * tl.exp(tl.where(mi[:, None], gl[None, :] - gi, float("-inf")))
+        else:
+            acc_q, acc_k = _gla_intra_bwd_by_columns(
+                q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, rk, mk, rs, ms, off_s, H, K, BT, BC, BKI, NB, DTC
+            )
+        dq_new = tl.load(dq + off_i, mask=m_ik, other=0.0) + acc_q
+        dk_new = tl.load(dk + off_i, mask=m_ik, other=0.0) + acc_k
+        tl.store(dqo + off_i, dq_new.to(dqo.dtype.element_ty), mask=m_ik)
+        tl.store(dko + off_i, dk_new.to(dko.dtype.element_ty), mask=m_ik)
+        qi = tl.load(q + off_i, mask=m_ik, other=0.0).to(tl.float32)
+        ki = tl.load(k + off_i, mask=m_ik, other=0.0).to(tl.float32)
+        tl.store(xg + off_i, qi * dq_new - ki * dk_new, mask=m_ik)
 
 
 @triton.jit

@@ -119,10 +119,11 @@ OUT_FWD_WARPS = 4
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
 # sm_90 with 4 warps).
 GLA_INTRA_BK = 64
-# GLA's intra-chunk backward: keys per program (0: all of them) and warps. Compiled for sm_90 at K = 128 with 8 warps,
-# whole-K programs take 255 registers per thread and spill; blocks of 64 keys take 210, of 32 keys 154 (186 with
-# 4 warps, two programs per SM).
+# GLA's intra-chunk backward: keys per program (0: all of them), keys per unrolled block inside a program, and warps.
+# Compiled for sm_90 at K = 128 with 8 warps, whole-K blocks spilled 36 B per thread with 36 KB of shared memory;
+# blocks of 64 keys 12 B and 20 KB, of 32 keys none and 12 KB.
 GLA_INTRA_BWD_BK = 0
+GLA_INTRA_BWD_BKI = 64
 GLA_INTRA_BWD_WARPS = 8
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
 
