@@ -104,7 +104,7 @@ def state_bwd_kernel(
                 decay_last = tl.exp(gl)
             elif GKIND == 2:
                 gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-                gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+                gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
                 decay_last = tl.exp(gl)[:, None]
             else:
                 decay_last = 1.0
@@ -306,7 +306,7 @@ def dqk_kernel(
         ek = tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
     elif GKIND == 2:
         gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-        gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+        gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
         eq = tl.exp(gt)
         ek = tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
     else:

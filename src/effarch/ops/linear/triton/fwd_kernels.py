@@ -368,11 +368,11 @@ def chunk_outer_kernel(
     t_last = tl.minimum(t0 + BT, eos) - 1
     if GKIND == 1:
         gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-        if REVERSE:
-            aT = aT.to(tl.float32) * tl.exp(gt)[None, :]
+        if REVERSE:  # the tokens' decay on B's [BT, BV] tile
+            bb = bb.to(tl.float32) * tl.exp(gt)[:, None]
         else:
             gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
-            aT = aT.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[None, :]
+            bb = bb.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
     elif GKIND == 2:
         gt = tl.load(G + off_kt, mask=m_kt, other=0.0)
         if REVERSE:
@@ -473,11 +473,12 @@ def state_fwd_kernel(
             if GKIND == 1:
                 gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
                 gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
-                kd = kk.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
-                S = S * tl.exp(gl) + mm(tl.trans(kd), vv, DTC)
+                # the tokens' decay on V's [BT, BV] tile rather than a float32 copy of K
+                vd = vv.to(tl.float32) * tl.exp(tl.where(mt, gl - gt, float("-inf")))[:, None]
+                S = S * tl.exp(gl) + mm(tl.trans(kk), vd, DTC)
             elif GKIND == 2:
                 gt = tl.load(G + off_tk, mask=m_tk, other=0.0)
-                gl = tl.sum(tl.where((rt == t_last)[:, None], gt, 0.0), axis=0)
+                gl = last_log_decay(G, t0, t_last, i_h, rk, mk, H, K, GKIND)
                 kd = kk.to(tl.float32) * tl.exp(tl.where(mt[:, None], gl[None, :] - gt, float("-inf")))
                 S = S * tl.exp(gl)[:, None] + mm(tl.trans(kd), vv, DTC)
             else:
