@@ -6,7 +6,9 @@ One run: (1) correctness on the GPU, bf16 against the token-by-token reference i
 included); (3) decoding-step latency at batch 1 and 64. Peers that fail to import or refuse an op are
 listed as skipped with the reason.
 Usage: python benchmarks/linear_ops.py [--check-only | --quick-check] [--peers fla,sdpa,flex]
-       [--T 2048,4096,8192,32768,131072] [--write] [--json PATH]
+       [--T 2048,4096,8192,32768,131072] [--write] [--json PATH] [--try "SETTING=a,b;OTHER=c,d"]
+--try times our kernels under every combination of the named settings of effarch.ops.linear.triton's launch and
+backward modules (block sizes, warps, the state passes' form), a row each, beside the shipped choice's peers.
 
 FLOP counts (per head and token, chunk C = 64): forward additive 2C(K+V) + 4KV, per-key decay the same,
 delta adds 2CK + C^2 + 2C(K+V) + 2KV for the WY transform; forward+backward counts 3x the forward. Causal
