@@ -249,7 +249,7 @@ def speed(Ts, with_fla, peers, results, deadline=None):
 
 
 def parse_variants(text: str) -> list[dict]:
-    """--try "NAME=a,b;OTHER=c,d" -> every combination, as dicts of launch settings (ints where they parse)."""
+    """--try "NAME=a,b;OTHER=c,d" -> every combination, as dicts of launch settings (ints and booleans parsed)."""
     axes = []
     for part in [p.strip() for p in text.split(";") if p.strip()]:
         name, _, values = part.partition("=")
@@ -258,8 +258,15 @@ def parse_variants(text: str) -> list[dict]:
             raise ValueError(
                 f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch or backward module"
             )
-        axes.append([(name, int(v) if v.strip().lstrip("-").isdigit() else v.strip()) for v in values.split(",")])
+        axes.append([(name, _setting_value(v.strip())) for v in values.split(",")])
     return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+
+
+def _setting_value(text: str):
+    """ "8" -> 8, "true" / "false" -> True / False (any case), anything else as written."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def use_variant(variant: dict) -> str:

@@ -191,6 +191,7 @@ def test_linear_ops_kernel_variants_parse_and_apply(monkeypatch):
     variants = linear_ops.parse_variants("STATE_PASS=fused,two_phase; GLA_INTRA_BWD_BK=0,32")
     assert variants == [{"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)]
     assert linear_ops.parse_variants("") == [{}]
+    assert linear_ops.parse_variants("SAVE_STATES=false,True") == [{"SAVE_STATES": False}, {"SAVE_STATES": True}]
     monkeypatch.setattr(launch, "STATE_PASS", launch.STATE_PASS)
     monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", launch.GLA_INTRA_BWD_BK)
     assert linear_ops.use_variant(variants[3]) == "ours [STATE_PASS=two_phase GLA_INTRA_BWD_BK=32]"

@@ -27,6 +27,7 @@ from effarch.ops.linear import linear_recurrence_chunked, linear_recurrence_refe
 from effarch.ops.linear.triton import (  # noqa: E402
     backward,
     bwd_kernels,
+    fwd_kernels,
     launch,
     linear_recurrence_step_triton,
     linear_recurrence_triton,
@@ -213,6 +214,41 @@ def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
     assert seen == [(64, 4 if dots == "tf32" else 3)]  # 3: the interpreter's emulated bf16 products
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("packed", [False, True])
+def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
+    """launch.SAVE_STATES: the additive rule's forward keeps the states entering each chunk (dense batches), and the
+    backward runs no forward state pass of its own; outputs and gradients are bit for bit those of recomputing.
+    The delta rule and packed batches recompute as before."""
+    rule, decay = CASES[case]
+    if packed:
+        cu = torch.tensor([0, 5, 5, 30, 37])
+        q, k, v, kw = make(rule, decay, 1, 37, 2, 16, 16, n_seq=4, seed=6)
+    else:
+        cu = None
+        q, k, v, kw = make(rule, decay, 2, 40, 2, 16, 16, seed=6)
+    kernel, launches = fwd_kernels.state_fwd_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fwd_kernels, "state_fwd_kernel", Spy())
+    results = {}
+    for keep in (False, True):
+        monkeypatch.setattr(launch, "SAVE_STATES", keep)
+        launches.clear()
+        results[keep] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+        kept = keep and rule == "additive" and not packed
+        assert len(launches) == (1 if kept else 2)  # the forward's pass, and the backward's unless kept
+    for name in results[False]:
+        assert torch.equal(results[True][name], results[False][name]), name
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(results[True], ref, TOL.get(case, 1e-5))
+
+
 def test_scan_blocks_cover_the_state_in_small_tiles():
     """Any block is right for a pass without products; it keeps tiles of at most 1024 entries and splits
     further only while fewer than SCAN_PROGRAMS programs would run."""
@@ -387,6 +423,9 @@ def test_fake_implementation_matches_schema():
     g = kw["log_decay"].reshape(8, 1).float()
     args = (q[0], k[0], v[0], g, None, kw["initial_state"], cu, 0.25, False, 8, 32 if not CUDA else 64, True)
     torch.library.opcheck(ops.chunk_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
+    kept = ops.chunk_fwd_op(*args, True)[3]  # the states entering each chunk, kept for the backward
+    assert kept.shape == (1, 1, 16, 16)
+    torch.library.opcheck(ops.chunk_fwd_op, (*args, True), test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -426,6 +465,7 @@ SETTINGS = [
     {"GLA_INTRA_BWD_BKI": 32, "case": "per_key"},
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
+    *({"SAVE_STATES": True, "case": c} for c in ("linear", "fixed", "scalar", "per_key")),
 ]
 
 

@@ -98,10 +98,12 @@ def chunk_backward(
     dense_len: int,
     *,
     delta: bool,
+    states: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0) for packed inputs (shapes as in launch.py): dq, dk, dv in the inputs'
     dtype, dg float32, dbeta in beta's dtype, dh0 float32 [N, H, K, V]. `saved`: the forward's delta-rule
-    inverses or per-key intra-chunk scores (recomputed when None)."""
+    inverses or per-key intra-chunk scores (recomputed when None); `states`: the additive rule's states entering
+    each chunk and final states, kept by the forward (recomputed when None)."""
     T, H, K = q.shape
     V = v.shape[-1]
     gk = gkind(g)
@@ -111,7 +113,7 @@ def chunk_backward(
     additive_decay = g is not None and not delta
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and dhT is not None,
-                       state_dtype=state_dtype, X=saved if delta else None)  # fmt: skip
+                       state_dtype=state_dtype, X=saved if delta else None, states=states)  # fmt: skip
     A = saved if gk == 2 else None
     if gk == 2 and A is None:
         A = launch.gla_scores(q, k, p.G, table, chunk)

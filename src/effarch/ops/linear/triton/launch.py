@@ -126,6 +126,9 @@ GLA_INTRA_BWD_BK = 0
 GLA_INTRA_BWD_BKI = 64
 GLA_INTRA_BWD_WARPS = 8
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
+# The additive rule's training forward keeps the state entering each chunk ([NT, H, K, V] in the inputs' dtype, dense
+# batches) for the backward instead of having it run the forward state pass again: memory for one sequential pass.
+SAVE_STATES = False
 
 
 def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
@@ -185,9 +188,11 @@ def forward_pieces(
     store_final: bool,
     state_dtype: torch.dtype,
     X: torch.Tensor | None = None,
+    states: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> ForwardPieces:
     """The chunk-local decay cumsum, the delta rule's WY pieces (the inverse X is taken as given when passed:
-    the backward reuses the forward's) and the state entering each chunk."""
+    the backward reuses the forward's) and the state entering each chunk. `states` (the additive rule): the
+    forward's states entering each chunk and its final states, kept by the forward; no state pass then runs."""
     T, H, K = q.shape
     V = v.shape[-1]
     BK, dtc = _pow2(K), dot_code(q.dtype)
@@ -211,6 +216,10 @@ def forward_pieces(
             H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=DELTA_PREP_WARPS,
         )  # fmt: skip
         vnew = _empty_like(v)
+    if states is not None:
+        if delta or (store_final and states[1] is None):
+            raise ValueError("kept states serve the additive rule, with the final states when those are needed")
+        return ForwardPieces(G, None, None, None, states[0], None, states[1] if store_final else None)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     dummy = q
@@ -257,8 +266,9 @@ def chunk_forward(
     delta: bool,
     store_final: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """o [T, H, V] in v's dtype, the final states (or None) and what the backward reuses rather than recompute
-    (the delta rule's inverses X, or the per-key decay's intra-chunk scores A; None otherwise)."""
+    """o [T, H, V] in v's dtype, the final states (or None), what the backward reuses rather than recompute
+    (the delta rule's inverses X, or the per-key decay's intra-chunk scores A; None otherwise) and the states
+    entering each chunk [NT, H, K, V]."""
     T, H, K = q.shape
     V = v.shape[-1]
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -272,7 +282,7 @@ def chunk_forward(
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
         table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=OUT_FWD_WARPS,
     )  # fmt: skip
-    return o, p.hT, p.X if delta else A
+    return o, p.hT, p.X if delta else A, p.h
 
 
 def recurrent_forward(

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from effarch.ops.linear.checks import check_inputs, expand_key_heads
+from effarch.ops.linear.triton import launch
 from effarch.ops.linear.triton.backward import chunk_backward
 from effarch.ops.linear.triton.launch import chunk_forward, kernel_build_options, recurrent_forward
 from effarch.ops.linear.triton.layout import ChunkTable
@@ -33,24 +34,41 @@ def chunk_fwd_op(
     dense_len: int,
     chunk: int,
     store_final: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    keep_states: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
-    cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32 or an empty tensor, and float32 [T,H,C] that
-    the backward reuses: the delta rule's inverses or the per-key decay's intra-chunk scores, else empty)."""
+    cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32 or an empty tensor, float32 [T,H,C] that
+    the backward reuses: the delta rule's inverses or the per-key decay's intra-chunk scores, else empty, and with
+    `keep_states` (additive rule, dense batches) the states entering each chunk [NT,H,K,V], else empty)."""
     table = ChunkTable.build(cu, dense_len, chunk)
     q, k = expand_key_heads(q, k, v.shape[1], dim=1)  # key groups: the copies live only during the call
     with kernel_build_options(q.shape[-1], v.shape[-1]):
-        o, hT, saved = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
-    return o, (hT if hT is not None else _empty(q)), (saved if saved is not None else _empty(q))
+        o, hT, saved, h = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
+    keep = keep_states and _keeps_states(delta, dense_len)
+    return (
+        o,
+        (hT if hT is not None else _empty(q)),
+        (saved if saved is not None else _empty(q)),
+        (h if keep else _empty(q)),
+    )
+
+
+def _keeps_states(delta: bool, dense_len: int) -> bool:
+    """The states are kept for the additive rule on dense batches (their count is known without the lengths)."""
+    return not delta and dense_len > 0
 
 
 @chunk_fwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final):
+def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, keep_states=False):
     n, K, (_, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
     final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
     keeps = delta or (g is not None and g.dim() == 3)
     saved = q.new_empty(q.shape[0], H, chunk, dtype=torch.float32) if keeps else _empty(q)
-    return torch.empty_like(v), final, saved
+    states = _empty(q)
+    if keep_states and _keeps_states(delta, dense_len):
+        state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+        states = q.new_empty(n * -(-dense_len // chunk), H, K, V, dtype=state_dtype)
+    return torch.empty_like(v), final, saved, states
 
 
 @torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", mutates_args=())
@@ -69,14 +87,21 @@ def chunk_bwd_op(
     delta: bool,
     dense_len: int,
     chunk: int,
+    states: Tensor | None = None,
+    final: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None. `saved` is the
-    forward's third output."""
+    forward's third output; `states` and `final` its fourth and second when it kept the states."""
     table = ChunkTable.build(cu, dense_len, chunk)
+    kept = (
+        None
+        if states is None or not states.numel()
+        else (states, final if final is not None and final.numel() else None)
+    )
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
             do, dhT, q, k, v, g, beta, h0, saved if saved.numel() else None, table, chunk, scale, dense_len,
-            delta=delta,
+            delta=delta, states=kept,
         )  # fmt: skip
     return (
         dq,
@@ -89,7 +114,7 @@ def chunk_bwd_op(
 
 
 @chunk_bwd_op.register_fake
-def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk):
+def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states=None, final=None):
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -101,19 +126,19 @@ def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2])
+    q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, *_ = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2], output[3], output[1])
     ctx.args = (scale, delta, dense_len, chunk)
 
 
-def _backward(ctx, do, dhT, _dsaved):
-    q, k, v, g, beta, h0, cu, saved = ctx.saved_tensors
+def _backward(ctx, do, dhT, _dsaved, _dstates):
+    q, k, v, g, beta, h0, cu, saved, states, final = ctx.saved_tensors
     scale, delta, dense_len, chunk = ctx.args
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
     groups = q.shape[1]
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
-        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk
+        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
         dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))
@@ -124,6 +149,7 @@ def _backward(ctx, do, dhT, _dsaved):
         dg if g is not None else None,
         dbeta if beta is not None else None,
         dh0 if h0 is not None else None,
+        None,
         None,
         None,
         None,
@@ -214,7 +240,10 @@ def linear_recurrence_triton(
         o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
         final = state if output_final_state else None
     else:
-        o, final, _ = chunk_fwd_op(qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state)
+        keep = launch.SAVE_STATES and grad
+        o, final, _, _ = chunk_fwd_op(
+            qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state, keep
+        )
         final = final if output_final_state else None
     return o.reshape(B, T, H, inp.V).to(v.dtype), final
 
