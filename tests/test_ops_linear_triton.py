@@ -218,9 +218,9 @@ def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("packed", [False, True])
 def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
-    """launch.SAVE_STATES: the additive rule's forward keeps the states entering each chunk (dense batches), and the
-    backward runs no forward state pass of its own; outputs and gradients are bit for bit those of recomputing.
-    The delta rule and packed batches recompute as before."""
+    """launch.SAVE_STATES: the forward keeps the states entering each chunk (dense batches; and the delta rule's W
+    and pseudo-values), so the backward runs no state pass or WY kernel of its own; outputs and gradients are bit
+    for bit those of recomputing. Packed batches recompute as before."""
     rule, decay = CASES[case]
     if packed:
         cu = torch.tensor([0, 5, 5, 30, 37])
@@ -228,21 +228,25 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
     else:
         cu = None
         q, k, v, kw = make(rule, decay, 2, 40, 2, 16, 16, seed=6)
-    kernel, launches = fwd_kernels.state_fwd_kernel, []
+    launches = []
 
     class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    monkeypatch.setattr(fwd_kernels, "state_fwd_kernel", Spy())
+        def __getitem__(self, grid):
+            launches.append(self.kernel)
+            return self.kernel[grid]
+
+    for name in ("state_fwd_kernel", "delta_prep_kernel"):
+        monkeypatch.setattr(fwd_kernels, name, Spy(getattr(fwd_kernels, name)))
     results = {}
     for keep in (False, True):
         monkeypatch.setattr(launch, "SAVE_STATES", keep)
         launches.clear()
         results[keep] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
-        kept = keep and rule == "additive" and not packed
-        assert len(launches) == (1 if kept else 2)  # the forward's pass, and the backward's unless kept
+        runs = 1 if keep and not packed else 2  # the forward's, and the backward's unless kept
+        assert len(launches) == runs * (2 if rule == "delta" else 1)
     for name in results[False]:
         assert torch.equal(results[True][name], results[False][name]), name
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
@@ -426,6 +430,11 @@ def test_fake_implementation_matches_schema():
     kept = ops.chunk_fwd_op(*args, True)[3]  # the states entering each chunk, kept for the backward
     assert kept.shape == (1, 1, 16, 16)
     torch.library.opcheck(ops.chunk_fwd_op, (*args, True), test_utils=("test_schema", "test_faketensor"))
+    beta = torch.rand(8, 1, device=DEV)
+    delta_args = (*args[:4], beta, *args[5:8], True, *args[9:], True)  # the delta rule keeps W and U too
+    _, _, _, h, w, u = ops.chunk_fwd_op(*delta_args)
+    assert h.shape == (1, 1, 16, 16) and w.shape == (8, 1, 16) and u.shape == (8, 1, 16)
+    torch.library.opcheck(ops.chunk_fwd_op, delta_args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ----------------------------------------------------------------------------- CUDA
@@ -465,7 +474,7 @@ SETTINGS = [
     {"GLA_INTRA_BWD_BKI": 32, "case": "per_key"},
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
-    *({"SAVE_STATES": True, "case": c} for c in ("linear", "fixed", "scalar", "per_key")),
+    *({"SAVE_STATES": True, "case": c} for c in CASES),
 ]
 
 

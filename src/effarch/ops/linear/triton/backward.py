@@ -15,7 +15,16 @@ import torch
 import triton
 
 from effarch.ops.linear.triton import bwd_kernels, launch
-from effarch.ops.linear.triton.launch import SUBBLOCK, _empty, _pow2, dot_code, forward_pieces, gkind, state_blocks
+from effarch.ops.linear.triton.launch import (
+    SUBBLOCK,
+    KeptStates,
+    _empty,
+    _pow2,
+    dot_code,
+    forward_pieces,
+    gkind,
+    state_blocks,
+)
 from effarch.ops.linear.triton.layout import ChunkTable
 
 # 16-bit inputs: products of the delta rule's reverse state pass, and of the backward kernels when the
@@ -98,12 +107,12 @@ def chunk_backward(
     dense_len: int,
     *,
     delta: bool,
-    states: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    states: KeptStates | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0) for packed inputs (shapes as in launch.py): dq, dk, dv in the inputs'
     dtype, dg float32, dbeta in beta's dtype, dh0 float32 [N, H, K, V]. `saved`: the forward's delta-rule
-    inverses or per-key intra-chunk scores (recomputed when None); `states`: the additive rule's states entering
-    each chunk and final states, kept by the forward (recomputed when None)."""
+    inverses or per-key intra-chunk scores (recomputed when None); `states`: what the forward kept of its state
+    pass (recomputed when None)."""
     T, H, K = q.shape
     V = v.shape[-1]
     gk = gkind(g)

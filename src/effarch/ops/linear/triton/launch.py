@@ -126,8 +126,9 @@ GLA_INTRA_BWD_BK = 0
 GLA_INTRA_BWD_BKI = 64
 GLA_INTRA_BWD_WARPS = 8
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
-# The additive rule's training forward keeps the state entering each chunk ([NT, H, K, V] in the inputs' dtype, dense
-# batches) for the backward instead of having it run the forward state pass again: memory for one sequential pass.
+# A training forward keeps the states entering each chunk ([NT, H, K, V] in the inputs' dtype; dense batches), and for
+# the delta rule W and the pseudo-values, for the backward instead of having it form them again: memory for a
+# sequential pass (and the delta rule's WY kernel).
 SAVE_STATES = False
 
 
@@ -174,6 +175,17 @@ class ForwardPieces:
     hT: torch.Tensor | None  # final states [N, H, K, V] float32
 
 
+@dataclass
+class KeptStates:
+    """What a training forward keeps so that its backward forms no state pass of its own: the states entering each
+    chunk, the final states (when output), and for the delta rule W and the pseudo-values U."""
+
+    h: torch.Tensor
+    hT: torch.Tensor | None
+    W: torch.Tensor | None = None
+    vnew: torch.Tensor | None = None
+
+
 def forward_pieces(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,11 +200,11 @@ def forward_pieces(
     store_final: bool,
     state_dtype: torch.dtype,
     X: torch.Tensor | None = None,
-    states: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    states: KeptStates | None = None,
 ) -> ForwardPieces:
     """The chunk-local decay cumsum, the delta rule's WY pieces (the inverse X is taken as given when passed:
-    the backward reuses the forward's) and the state entering each chunk. `states` (the additive rule): the
-    forward's states entering each chunk and its final states, kept by the forward; no state pass then runs."""
+    the backward reuses the forward's) and the state entering each chunk. `states`: what the forward kept of
+    these; neither the WY pieces nor the state pass are formed again then."""
     T, H, K = q.shape
     V = v.shape[-1]
     BK, dtc = _pow2(K), dot_code(q.dtype)
@@ -205,6 +217,10 @@ def forward_pieces(
         fwd_kernels.chunk_cumsum_kernel[(NT, H)](
             g, G, table.chunk_tok, table.chunk_eos, H, K, chunk, BK, g.dim() == 3, num_warps=4
         )
+    if states is not None:
+        if store_final and states.hT is None or delta and (states.W is None or states.vnew is None):
+            raise ValueError("kept states lack the final states or the delta rule's W and pseudo-values")
+        return ForwardPieces(G, X, states.W, None, states.h, states.vnew, states.hT if store_final else None)
     W = U = vnew = None
     if delta:
         have_x = X is not None
@@ -216,10 +232,6 @@ def forward_pieces(
             H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=DELTA_PREP_WARPS,
         )  # fmt: skip
         vnew = _empty_like(v)
-    if states is not None:
-        if delta or (store_final and states[1] is None):
-            raise ValueError("kept states serve the additive rule, with the final states when those are needed")
-        return ForwardPieces(G, None, None, None, states[0], None, states[1] if store_final else None)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     dummy = q
@@ -267,8 +279,8 @@ def chunk_forward(
     store_final: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """o [T, H, V] in v's dtype, the final states (or None), what the backward reuses rather than recompute
-    (the delta rule's inverses X, or the per-key decay's intra-chunk scores A; None otherwise) and the states
-    entering each chunk [NT, H, K, V]."""
+    (the delta rule's inverses X, or the per-key decay's intra-chunk scores A; None otherwise) and the pieces
+    the backward could keep (`KeptStates`)."""
     T, H, K = q.shape
     V = v.shape[-1]
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
@@ -282,7 +294,7 @@ def chunk_forward(
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
         table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=OUT_FWD_WARPS,
     )  # fmt: skip
-    return o, p.hT, p.X if delta else A, p.h
+    return o, p.hT, p.X if delta else A, KeptStates(p.h, p.hT, p.W, p.vnew)
 
 
 def recurrent_forward(

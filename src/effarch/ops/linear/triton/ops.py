@@ -9,7 +9,7 @@ from torch import Tensor
 from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.triton import launch
 from effarch.ops.linear.triton.backward import chunk_backward
-from effarch.ops.linear.triton.launch import chunk_forward, kernel_build_options, recurrent_forward
+from effarch.ops.linear.triton.launch import KeptStates, chunk_forward, kernel_build_options, recurrent_forward
 from effarch.ops.linear.triton.layout import ChunkTable
 
 CHUNK = 64  # tokens per chunk
@@ -35,40 +35,36 @@ def chunk_fwd_op(
     chunk: int,
     store_final: bool,
     keep_states: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
     cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32 or an empty tensor, float32 [T,H,C] that
     the backward reuses: the delta rule's inverses or the per-key decay's intra-chunk scores, else empty, and with
-    `keep_states` (additive rule, dense batches) the states entering each chunk [NT,H,K,V], else empty)."""
+    `keep_states` on a dense batch the states entering each chunk [NT,H,K,V] and for the delta rule W [T,H,K] and
+    the pseudo-values [T,H,V], each else empty)."""
     table = ChunkTable.build(cu, dense_len, chunk)
     q, k = expand_key_heads(q, k, v.shape[1], dim=1)  # key groups: the copies live only during the call
     with kernel_build_options(q.shape[-1], v.shape[-1]):
-        o, hT, saved, h = chunk_forward(q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final)
-    keep = keep_states and _keeps_states(delta, dense_len)
-    return (
-        o,
-        (hT if hT is not None else _empty(q)),
-        (saved if saved is not None else _empty(q)),
-        (h if keep else _empty(q)),
-    )
-
-
-def _keeps_states(delta: bool, dense_len: int) -> bool:
-    """The states are kept for the additive rule on dense batches (their count is known without the lengths)."""
-    return not delta and dense_len > 0
+        o, hT, saved, kept = chunk_forward(
+            q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final
+        )
+    keep = keep_states and dense_len > 0  # dense: the chunks' count is known without the lengths (fake shapes)
+    pieces = [kept.h, kept.W, kept.vnew] if keep else [None] * 3
+    return o, *(x if x is not None else _empty(q) for x in (hT, saved, *pieces))
 
 
 @chunk_fwd_op.register_fake
 def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, keep_states=False):
-    n, K, (_, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
+    n, K, (T, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
     final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
     keeps = delta or (g is not None and g.dim() == 3)
-    saved = q.new_empty(q.shape[0], H, chunk, dtype=torch.float32) if keeps else _empty(q)
-    states = _empty(q)
-    if keep_states and _keeps_states(delta, dense_len):
+    saved = q.new_empty(T, H, chunk, dtype=torch.float32) if keeps else _empty(q)
+    states, w, vnew = _empty(q), _empty(q), _empty(q)
+    if keep_states and dense_len > 0:
         state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         states = q.new_empty(n * -(-dense_len // chunk), H, K, V, dtype=state_dtype)
-    return torch.empty_like(v), final, saved, states
+        if delta:
+            w, vnew = q.new_empty(T, H, K), torch.empty_like(v)
+    return torch.empty_like(v), final, saved, states, w, vnew
 
 
 @torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", mutates_args=())
@@ -89,15 +85,14 @@ def chunk_bwd_op(
     chunk: int,
     states: Tensor | None = None,
     final: Tensor | None = None,
+    w: Tensor | None = None,
+    vnew: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None. `saved` is the
-    forward's third output; `states` and `final` its fourth and second when it kept the states."""
+    forward's third output; `states`, `w`, `vnew` its last three and `final` its second when it kept them."""
     table = ChunkTable.build(cu, dense_len, chunk)
-    kept = (
-        None
-        if states is None or not states.numel()
-        else (states, final if final is not None and final.numel() else None)
-    )
+    given = lambda x: x if x is not None and x.numel() else None  # noqa: E731
+    kept = None if given(states) is None else KeptStates(states, given(final), given(w), given(vnew))
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
             do, dhT, q, k, v, g, beta, h0, saved if saved.numel() else None, table, chunk, scale, dense_len,
@@ -114,7 +109,8 @@ def chunk_bwd_op(
 
 
 @chunk_bwd_op.register_fake
-def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states=None, final=None):
+def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states=None, final=None, w=None,
+      vnew=None):  # fmt: skip
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -127,18 +123,18 @@ def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, *_ = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2], output[3], output[1])
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2], output[1], *output[3:])
     ctx.args = (scale, delta, dense_len, chunk)
 
 
-def _backward(ctx, do, dhT, _dsaved, _dstates):
-    q, k, v, g, beta, h0, cu, saved, states, final = ctx.saved_tensors
+def _backward(ctx, do, dhT, *_kept):
+    q, k, v, g, beta, h0, cu, saved, final, states, w, vnew = ctx.saved_tensors
     scale, delta, dense_len, chunk = ctx.args
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
     groups = q.shape[1]
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
-        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final
+        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final, w, vnew
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
         dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))
@@ -241,7 +237,7 @@ def linear_recurrence_triton(
         final = state if output_final_state else None
     else:
         keep = launch.SAVE_STATES and grad
-        o, final, _, _ = chunk_fwd_op(
+        o, final, *_ = chunk_fwd_op(
             qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state, keep
         )
         final = final if output_final_state else None
