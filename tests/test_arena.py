@@ -494,7 +494,8 @@ def test_report_appended_to_a_results_file(finished, tmp_path):
     header = report.splitlines()[2]  # "<date> on <machine> ...; torch ..."
     date = header.split(" ", 1)[0]
     assert text.count(f"## {date} - Arena, tiny suite\n\n{header}\n") == 2
-    assert "#### Verdict" in text and "#### Quality" in text and "\n## Verdict" not in text
+    assert "\n### Verdict" in text and "\n### Quality" in text and "\n#### Growing context" in text
+    assert "\n## Verdict" not in text
     assert "![" not in text and "Plots" not in text
     table_rows = [line for line in report.splitlines() if line.startswith("| ")]
     assert table_rows and all(text.count(row) >= 2 for row in table_rows)

@@ -447,7 +447,7 @@ def write_report(folder: str | Path, data: dict[str, Any], suite: Suite, archs: 
 def results_section(report: str) -> tuple[str, str]:
     """(title, body) of a dated RESULTS.md section holding a written report: its header line (date, machine,
     versions: where the figures were measured, not where this runs), then every section but the plots (images kept
-    beside the report), headings moved two levels down to sit under the section's own."""
+    beside the report), headings moved one level down to sit under the section's own (`##`)."""
     lines = report.strip("\n").splitlines()
     if not lines or not lines[0].startswith("# effarch arena: "):
         raise ValueError("report.md does not start with the arena's title; rewrite it with --report-only")
@@ -455,5 +455,5 @@ def results_section(report: str) -> tuple[str, str]:
     blocks = "\n".join(lines[1:]).strip("\n").split("\n## ")
     kept = [blocks[0].strip()] + ["## " + b.strip() for b in blocks[1:] if not b.startswith("Plots")]
     body = "\n\n".join(kept)
-    body = "\n".join("##" + line if line.startswith("#") else line for line in body.splitlines())
+    body = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
     return title, body
