@@ -253,6 +253,39 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
     assert_all_close(results[True], ref, TOL.get(case, 1e-5))
 
 
+def test_auto_state_pass_takes_two_phases_for_per_key_decay_and_long_sequences(monkeypatch):
+    """STATE_PASS = "auto": two phases for per-key decay at any length, otherwise from TWO_PHASE_CHUNKS chunks per
+    sequence on average; "fused" and "two_phase" force the choice, anything else is refused in one sentence."""
+    monkeypatch.setattr(launch, "STATE_PASS", "auto")
+    n = launch.TWO_PHASE_CHUNKS
+    assert launch.two_phase_pass(2, 4, 4)
+    for gk in (0, 1):
+        assert not launch.two_phase_pass(gk, 4, 4 * n - 1) and launch.two_phase_pass(gk, 4, 4 * n)
+    for forced in ("fused", "two_phase"):
+        monkeypatch.setattr(launch, "STATE_PASS", forced)
+        assert {launch.two_phase_pass(gk, 1, c) for gk in (0, 1, 2) for c in (1, 4 * n)} == {forced == "two_phase"}
+    monkeypatch.setattr(launch, "STATE_PASS", "two-phase")
+    with pytest.raises(ValueError, match="valid: 'auto', 'fused', 'two_phase'"):
+        launch.two_phase_pass(1, 1, 1)
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+def test_auto_state_pass_runs_two_phases_on_a_long_sequence(monkeypatch):
+    """A sequence of TWO_PHASE_CHUNKS chunks or more runs the chunk-term kernel under "auto" and matches the
+    reference (scalar decay, lowered threshold to keep the interpreter quick)."""
+    monkeypatch.setattr(launch, "STATE_PASS", "auto")
+    monkeypatch.setattr(launch, "TWO_PHASE_CHUNKS", 2)
+    calls = []
+    terms = launch.chunk_terms
+    monkeypatch.setattr(launch, "chunk_terms", lambda *a, **kw: calls.append(kw["reverse"]) or terms(*a, **kw))
+    rule, decay = CASES["scalar"]
+    q, k, v, kw = make(rule, decay, 1, 150, 2, 16, 16, seed=25)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, TOL.get("scalar", 1e-5))
+    assert calls == [False, True]
+
+
 def test_scan_blocks_cover_the_state_in_small_tiles():
     """Any block is right for a pass without products; it keeps tiles of at most 1024 entries and splits
     further only while fewer than SCAN_PROGRAMS programs would run."""
@@ -466,7 +499,7 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 # Launch settings that benchmarks/linear_ops.py --try measures against the shipped ones: each must be right on the
 # GPU before its timing counts (Hopper's wgmma build was wrong at some shapes, see launch.WGMMA).
 SETTINGS = [
-    *({"STATE_PASS": "two_phase", "case": c} for c in CASES),
+    *({"STATE_PASS": p, "case": c} for p in ("fused", "two_phase") for c in CASES),
     *({"DELTA_PREP_WARPS": 8, "case": c} for c in ("delta", "gated_delta")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
@@ -474,7 +507,7 @@ SETTINGS = [
     {"GLA_INTRA_BWD_BKI": 32, "case": "per_key"},
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
-    *({"SAVE_STATES": True, "case": c} for c in CASES),
+    *({"SAVE_STATES": False, "case": c} for c in CASES),
 ]
 
 

@@ -148,7 +148,7 @@ def chunk_backward(
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
     dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
-    two_phase = launch.STATE_PASS == "two_phase"
+    two_phase = launch.two_phase_pass(gk, N, NT)
     if two_phase:  # each chunk's scale (Q e^G)^T dO first, into dh; the pass reads it from there
         launch.chunk_terms(q, do, p.G, dh, table, chunk, scale, reverse=True, dtc=state_dtc)
     if two_phase and not delta:

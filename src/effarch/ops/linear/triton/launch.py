@@ -107,8 +107,14 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 
 # The additive rule's state passes: "fused" walks each sequence's chunks with the chunk's products inside the
 # sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
-# so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer).
-STATE_PASS = "fused"
+# so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer); "auto"
+# takes two phases for per-key decay and for sequences of TWO_PHASE_CHUNKS chunks or more on average. Measured on an
+# H200 (fwd + bwd, 32,768 tokens, H = 16, K = V = 128, bf16, states kept): two phases won for GLA at 8K and 32K
+# (8.67 against 8.95 ms, 8.71 against 10.00) and for every rule at 32K (scalar decay 3.69 against 4.49, delta rule
+# 6.97 against 7.35, gated delta 8.84 against 9.17); at 8K the fused pass won for scalar decay (3.02 against 3.33)
+# and the gated delta rule (7.33 against 7.41), and the delta rule was even (5.99 against 6.04).
+STATE_PASS = "auto"
+TWO_PHASE_CHUNKS = 256
 # Warps per program of chunk-local kernels whose sm_90 build spills at K = V = 128 with 4 warps (ptxas, bf16):
 # delta_prep 2.7 KB per thread (52 B with 8), dv_local with tf32 products 1.2 KB (none with 8), out_fwd with a
 # scalar decay 0.4 KB (none with 8). Fewer spills need not mean faster (8 warps measured slower forward before):
@@ -124,12 +130,24 @@ GLA_INTRA_BK = 64
 # blocks of 64 keys 12 B and 20 KB, of 32 keys none and 12 KB.
 GLA_INTRA_BWD_BK = 0
 GLA_INTRA_BWD_BKI = 64
-GLA_INTRA_BWD_WARPS = 8
+GLA_INTRA_BWD_WARPS = 4  # 8.53 ms fwd + bwd against 9.43 with 8 warps (GLA at 8K on an H200, as above)
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
 # A training forward keeps the states entering each chunk ([NT, H, K, V] in the inputs' dtype; dense batches), and for
 # the delta rule W and the pseudo-values, for the backward instead of having it form them again: memory for a
-# sequential pass (and the delta rule's WY kernel).
-SAVE_STATES = False
+# sequential pass (and the delta rule's WY kernel). The states cost H * K * V / chunk values per token per layer
+# (16 heads of 128 x 128 in bf16: 8 KiB per token); on an H200 keeping them saved 0.3-0.7 ms of fwd + bwd for
+# every rule at 8K and 32K tokens (GLA 8.95 against 9.46 ms, scalar decay at 32K 4.49 against 5.16). False: recompute.
+SAVE_STATES = True
+
+
+def two_phase_pass(gk: int, n_sequences: int, n_chunks: int) -> bool:
+    """Whether the additive rule's state passes take two phases (see STATE_PASS) for decay kind `gk` (0 none,
+    1 scalar, 2 per key) over `n_chunks` chunks of `n_sequences` sequences."""
+    if STATE_PASS not in ("auto", "fused", "two_phase"):
+        raise ValueError(f"launch.STATE_PASS is {STATE_PASS!r}; valid: 'auto', 'fused', 'two_phase'")
+    if STATE_PASS != "auto":
+        return STATE_PASS == "two_phase"
+    return gk == 2 or n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
 
 
 def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
@@ -235,7 +253,7 @@ def forward_pieces(
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     dummy = q
-    two_phase = STATE_PASS == "two_phase" and not delta
+    two_phase = two_phase_pass(gkind(g), N, NT) and not delta
     D = dummy
     if two_phase:  # each chunk's term first (into h itself when it is float32), then decay and add
         D = h if state_dtype == torch.float32 else _empty(NT, H, K, V, dtype=torch.float32, device=q.device)
