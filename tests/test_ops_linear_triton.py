@@ -299,19 +299,17 @@ def test_scan_blocks_cover_the_state_in_small_tiles():
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("strength", [1.0, 30.0, "mixed"])
-@pytest.mark.parametrize("key_block", [0, 16, "inner"])
+@pytest.mark.parametrize("key_block", [0, 16])
 def test_per_key_decay_mild_and_strong(strength, key_block, monkeypatch):
     """The per-key intra-chunk kernels take one product per sub-block when its decay spans at most SPREAD in
     log space, and the column-by-column form otherwise: log decays of -strength * U(0, 1) per token put
     sub-blocks of 16 tokens on either side (at 30, some keys decay by more than 40 within a sub-block).
     key_block 16: the scores sum over blocks of 16 of the 40 keys, and the backward's programs take 16 keys each
-    (the last block partly masked), or ("inner") one program takes them in blocks of 16, each block choosing its
-    form by its own keys' spread ("mixed": mild decay on the first 16 keys only)."""
+    (the last block partly masked), each block choosing its form by its own keys' spread ("mixed": mild decay on
+    the first 16 keys only)."""
     monkeypatch.setattr(ops, "CHUNK", 64)
-    inner = key_block == "inner"  # one backward program for all keys, in unrolled blocks of 16 inside it
-    monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", 0 if inner else key_block)
-    monkeypatch.setattr(launch, "GLA_INTRA_BWD_BKI", 16 if inner else 64)
-    monkeypatch.setattr(launch, "GLA_INTRA_BK", 16 if inner else key_block)
+    monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", key_block)
+    monkeypatch.setattr(launch, "GLA_INTRA_BK", key_block)
     q, k, v, kw = make("additive", "per_key", 2, 70, 2, 40, 16, seed=23)
     scale = torch.full((40,), 30.0) if strength != "mixed" else torch.cat([torch.ones(16), torch.full((24,), 30.0)])
     if strength != "mixed":
@@ -504,7 +502,6 @@ SETTINGS = [
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
-    {"GLA_INTRA_BWD_BKI": 32, "case": "per_key"},
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
     *({"SAVE_STATES": False, "case": c} for c in CASES),

@@ -203,7 +203,7 @@ def chunk_backward(
         BKi = BK if launch.GLA_INTRA_BWD_BK == 0 else min(BK, launch.GLA_INTRA_BWD_BK)
         bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H, triton.cdiv(K, BKi))](
             q, k, p.G, dA, dq, dk, dqo, dko, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BKi,
-            local_dtc, min(BKi, launch.GLA_INTRA_BWD_BKI), num_warps=launch.GLA_INTRA_BWD_WARPS,
+            local_dtc, num_warps=launch.GLA_INTRA_BWD_WARPS,
         )  # fmt: skip
         dq, dk = dqo, dko
     if additive_decay:

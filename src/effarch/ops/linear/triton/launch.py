@@ -125,12 +125,11 @@ OUT_FWD_WARPS = 4
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
 # sm_90 with 4 warps).
 GLA_INTRA_BK = 64
-# GLA's intra-chunk backward: keys per program (0: all of them), keys per unrolled block inside a program, and warps.
-# Compiled for sm_90 at K = 128 with 8 warps, whole-K blocks spilled 36 B per thread with 36 KB of shared memory;
-# blocks of 64 keys 12 B and 20 KB, of 32 keys none and 12 KB.
+# GLA's intra-chunk backward: keys per program (0: all of them) and warps. Compiled for sm_90 at K = 128 with 8 warps,
+# whole-K programs take 255 registers per thread and spill; blocks of 64 keys take 210, of 32 keys 154 (186 with
+# 4 warps, two programs per SM).
 GLA_INTRA_BWD_BK = 0
-GLA_INTRA_BWD_BKI = 64
-GLA_INTRA_BWD_WARPS = 4  # 8.53 ms fwd + bwd against 9.43 with 8 warps (GLA at 8K on an H200, as above)
+GLA_INTRA_BWD_WARPS = 8  # whole-K programs: 1.25 ms against 1.79 in unrolled 64-key blocks with 4 warps (H200, 8K)
 SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks until about this many programs run
 # A training forward keeps the states entering each chunk ([NT, H, K, V] in the inputs' dtype; dense batches), and for
 # the delta rule W and the pseudo-values, for the backward instead of having it form them again: memory for a
