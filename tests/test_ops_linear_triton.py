@@ -286,6 +286,25 @@ def test_auto_state_pass_runs_two_phases_on_a_long_sequence(monkeypatch):
     assert calls == [False, True]
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
+def test_delta_inverse_in_registers_matches_the_memory_form(case, monkeypatch):
+    """launch.DELTA_PREP_IN_REGS: the chunk's inverse (I + A)^{-1} built with every 16 x 16 block in registers
+    gives the outputs and gradients of the block-row form through memory (to float32 rounding) and of the
+    reference; a packed batch ends sequences inside chunks and in every sub-block position."""
+    monkeypatch.setattr(ops, "CHUNK", 64)  # four sub-blocks: the register form's only shape
+    rule, decay = CASES[case]
+    cu = torch.tensor([0, 21, 21, 90, 107])
+    q, k, v, kw = make(rule, decay, 1, 107, 2, 16, 16, n_seq=4, seed=26)
+    results = {}
+    for in_regs in (False, True):
+        monkeypatch.setattr(launch, "DELTA_PREP_IN_REGS", in_regs)
+        results[in_regs] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+    assert_all_close(results[True], results[False], 1e-5)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(results[True], ref, TOL.get(case, 1e-5))
+
+
 def test_scan_blocks_cover_the_state_in_small_tiles():
     """Any block is right for a pass without products; it keeps tiles of at most 1024 entries and splits
     further only while fewer than SCAN_PROGRAMS programs would run."""
@@ -499,6 +518,7 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 SETTINGS = [
     *({"STATE_PASS": p, "case": c} for p in ("fused", "two_phase") for c in CASES),
     *({"DELTA_PREP_WARPS": 8, "case": c} for c in ("delta", "gated_delta")),
+    *({"DELTA_PREP_IN_REGS": True, "case": c} for c in ("delta", "gated_delta")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

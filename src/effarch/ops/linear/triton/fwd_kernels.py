@@ -92,6 +92,52 @@ def chunk_cumsum_kernel(
 
 
 @triton.jit
+def unit_lower_inverse(a, rc, BC: tl.constexpr):
+    """(I + a)^{-1} of a strictly lower-triangular [BC, BC] float32 block, by forward substitution: row r is
+    e_r - a[r, :] X."""
+    x = (rc[:, None] == rc[None, :]).to(tl.float32)
+    for r in range(1, BC):
+        a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of a, indexed by column
+        x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
+    return x
+
+
+@triton.jit
+def key_block(k, beta, G, t0, eos, i, i_h, rc, rk, mk, H: tl.constexpr, K: tl.constexpr, BC: tl.constexpr,
+              HAS_G: tl.constexpr):  # fmt: skip
+    """Sub-block i of a chunk: its keys [BC, BK], beta and (with HAS_G) log-decay cumsum, token indices, mask."""
+    ri = t0 + i * BC + rc
+    mi = ri < eos
+    ki = tl.load(k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0)
+    bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
+    gi = bi
+    if HAS_G:
+        gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+    return ki, bi, gi, ri, mi
+
+
+@triton.jit
+def kkt_block(ki, kj, bi, gi, gj, strict, DIAG: tl.constexpr, HAS_G: tl.constexpr, DTC: tl.constexpr):
+    """Block (i, j) of A = strictly-lower(diag(b) (K K^T * Gamma)): the diagonal block masked to its strict lower
+    part; below the diagonal every token of block j precedes every token of block i (exponents <= 0)."""
+    a = mm(ki, tl.trans(kj), DTC)
+    if HAS_G:
+        if DIAG:
+            a = a * tl.exp(tl.where(strict, gi[:, None] - gj[None, :], float("-inf")))
+        else:
+            a = a * tl.exp(gi[:, None] - gj[None, :])
+    a = a * bi[:, None]
+    if DIAG:
+        a = tl.where(strict, a, 0.0)
+    return a
+
+
+@triton.jit
+def ieee(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def delta_prep_kernel(
     k,
     v,
@@ -112,13 +158,15 @@ def delta_prep_kernel(
     HAS_G: tl.constexpr,
     HAVE_X: tl.constexpr,
     DTC: tl.constexpr,
+    IN_REGS: tl.constexpr = False,
 ):
-    """X = (I + A)^{-1} [T, H, BT] (row t holds its chunk's row, float32), W = X diag(b e^G) K [T, H, K] and
-    U~ = X diag(b) V [T, H, V]. Grid (NT, H). With HAVE_X, X is read (saved by the forward) and only W and U~
-    are formed.
+    """X = (I + A)^{-1} [T, H, BT] (row t holds its chunk's row, float32; blocks above the diagonal are not
+    written), W = X diag(b e^G) K [T, H, K] and U~ = X diag(b) V [T, H, V]. Grid (NT, H). With HAVE_X, X is read
+    (saved by the forward) and only W and U~ are formed.
 
     The unit-lower-triangular inverse is built by blocks of BC rows: each diagonal block by forward
-    substitution, then X_ij = -X_ii sum_{j<=m<i} A_im X_mj, block row by block row through X in memory.
+    substitution, then X_ij = -X_ii sum_{j<=m<i} A_im X_mj, block row by block row through X in memory; or
+    with IN_REGS (BT = 4 BC only) every block of A and X in registers, X written once.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0 = tl.load(chunk_tok + i_c)
@@ -129,61 +177,68 @@ def delta_prep_kernel(
     mk = rk < K
     strict = rc[:, None] > rc[None, :]
     rb = tl.arange(0, BT)
-    if not HAVE_X:
-        # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution, row r = e_r - A[r, :] X.
+    if not HAVE_X and IN_REGS:
+        tl.static_assert(NB == 4, "IN_REGS needs BT = 4 BC")
+        k0, b0, g0, r0, m0 = key_block(k, beta, G, t0, eos, 0, i_h, rc, rk, mk, H, K, BC, HAS_G)
+        k1, b1, g1, r1, m1 = key_block(k, beta, G, t0, eos, 1, i_h, rc, rk, mk, H, K, BC, HAS_G)
+        k2, b2, g2, r2, m2 = key_block(k, beta, G, t0, eos, 2, i_h, rc, rk, mk, H, K, BC, HAS_G)
+        k3, b3, g3, r3, m3 = key_block(k, beta, G, t0, eos, 3, i_h, rc, rk, mk, H, K, BC, HAS_G)
+        x00 = unit_lower_inverse(kkt_block(k0, k0, b0, g0, g0, strict, True, HAS_G, DTC), rc, BC)
+        x11 = unit_lower_inverse(kkt_block(k1, k1, b1, g1, g1, strict, True, HAS_G, DTC), rc, BC)
+        x22 = unit_lower_inverse(kkt_block(k2, k2, b2, g2, g2, strict, True, HAS_G, DTC), rc, BC)
+        x33 = unit_lower_inverse(kkt_block(k3, k3, b3, g3, g3, strict, True, HAS_G, DTC), rc, BC)
+        a10 = kkt_block(k1, k0, b1, g1, g0, strict, False, HAS_G, DTC)
+        a21 = kkt_block(k2, k1, b2, g2, g1, strict, False, HAS_G, DTC)
+        a32 = kkt_block(k3, k2, b3, g3, g2, strict, False, HAS_G, DTC)
+        x10 = -ieee(x11, ieee(a10, x00))
+        x21 = -ieee(x22, ieee(a21, x11))
+        x32 = -ieee(x33, ieee(a32, x22))
+        a20 = kkt_block(k2, k0, b2, g2, g0, strict, False, HAS_G, DTC)
+        x20 = -ieee(x22, ieee(a20, x00) + ieee(a21, x10))
+        a31 = kkt_block(k3, k1, b3, g3, g1, strict, False, HAS_G, DTC)
+        x31 = -ieee(x33, ieee(a31, x11) + ieee(a32, x21))
+        a30 = kkt_block(k3, k0, b3, g3, g0, strict, False, HAS_G, DTC)
+        x30 = -ieee(x33, ieee(a30, x00) + ieee(a31, x10) + ieee(a32, x20))
+        row0 = X + (r0.to(tl.int64)[:, None] * H + i_h) * BT + rc[None, :]
+        row1 = X + (r1.to(tl.int64)[:, None] * H + i_h) * BT + rc[None, :]
+        row2 = X + (r2.to(tl.int64)[:, None] * H + i_h) * BT + rc[None, :]
+        row3 = X + (r3.to(tl.int64)[:, None] * H + i_h) * BT + rc[None, :]
+        tl.store(row0, x00, mask=m0[:, None])
+        tl.store(row1, x10, mask=m1[:, None])
+        tl.store(row1 + BC, x11, mask=m1[:, None])
+        tl.store(row2, x20, mask=m2[:, None])
+        tl.store(row2 + BC, x21, mask=m2[:, None])
+        tl.store(row2 + 2 * BC, x22, mask=m2[:, None])
+        tl.store(row3, x30, mask=m3[:, None])
+        tl.store(row3 + BC, x31, mask=m3[:, None])
+        tl.store(row3 + 2 * BC, x32, mask=m3[:, None])
+        tl.store(row3 + 3 * BC, x33, mask=m3[:, None])
+        tl.debug_barrier()
+    elif not HAVE_X:
+        # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution.
         for i in tl.static_range(NB):
-            ri = t0 + i * BC + rc
-            mi = ri < eos
-            ki = tl.load(
-                k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
-            )
-            bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
-            a = mm(ki, tl.trans(ki), DTC)
-            if HAS_G:
-                gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
-                a = a * tl.exp(tl.where(strict, gi[:, None] - gi[None, :], float("-inf")))
-            a = tl.where(strict, a * bi[:, None], 0.0)
-            x = (rc[:, None] == rc[None, :]).to(tl.float32)
-            for r in range(1, BC):
-                a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of A, indexed by column
-                x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
+            ki, bi, gi, ri, mi = key_block(k, beta, G, t0, eos, i, i_h, rc, rk, mk, H, K, BC, HAS_G)
+            x = unit_lower_inverse(kkt_block(ki, ki, bi, gi, gi, strict, True, HAS_G, DTC), rc, BC)
             tl.store(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], x, mask=mi[:, None])
         tl.debug_barrier()
         # Off-diagonal blocks, one block row at a time (rows m < i are final in memory before row i reads them).
         for i in tl.static_range(1, NB):
-            ri = t0 + i * BC + rc
-            mi = ri < eos
-            ki = tl.load(
-                k + (ri.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :], mask=mi[:, None] & mk[None, :], other=0.0
-            )
-            bi = tl.load(beta + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0).to(tl.float32)
-            if HAS_G:
-                gi = tl.load(G + ri.to(tl.int64) * H + i_h, mask=mi, other=0.0)
+            ki, bi, gi, ri, mi = key_block(k, beta, G, t0, eos, i, i_h, rc, rk, mk, H, K, BC, HAS_G)
             acc = tl.zeros([BC, BT], dtype=tl.float32)
             for m in tl.static_range(i):
-                rm = t0 + m * BC + rc
-                mm_ = rm < eos
-                km = tl.load(
-                    k + (rm.to(tl.int64)[:, None] * H + i_h) * K + rk[None, :],
-                    mask=mm_[:, None] & mk[None, :],
-                    other=0.0,
-                )
-                a = mm(ki, tl.trans(km), DTC)
-                if HAS_G:  # every token of block m precedes every token of block i: exponents <= 0
-                    gm = tl.load(G + rm.to(tl.int64) * H + i_h, mask=mm_, other=0.0)
-                    a = a * tl.exp(gi[:, None] - gm[None, :])
-                a = a * bi[:, None]
+                km, bm, gm, rm, mm_ = key_block(k, beta, G, t0, eos, m, i_h, rc, rk, mk, H, K, BC, HAS_G)
+                a = kkt_block(ki, km, bi, gi, gm, strict, False, HAS_G, DTC)
                 # row block m of X, columns before block m+1 (the rest is zero)
                 xm = tl.load(
                     X + (rm.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
                     mask=mm_[:, None] & (rb[None, :] < (m + 1) * BC),
                     other=0.0,
                 )
-                acc += tl.dot(a, xm, input_precision="ieee")
+                acc += ieee(a, xm)
             xii = tl.load(
                 X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], mask=mi[:, None], other=0.0
             )
-            xi = -tl.dot(xii, acc, input_precision="ieee")
+            xi = -ieee(xii, acc)
             tl.store(
                 X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :],
                 xi,

@@ -120,6 +120,11 @@ TWO_PHASE_CHUNKS = 256
 # scalar decay 0.4 KB (none with 8). Fewer spills need not mean faster (8 warps measured slower forward before):
 # kept at 4 until measured side by side (benchmarks/linear_ops.py --try).
 DELTA_PREP_WARPS = 4
+# The delta rule's inverse (I + A)^{-1} per chunk: False builds it block row by block row through memory (each block
+# row reads the rows above it back, and K's blocks are loaded again for every block of A); True holds every 16 x 16
+# block of A and of the inverse in registers and writes the inverse once (chunks of 4 sub-blocks only). Off until
+# measured side by side on the GPU (benchmarks/linear_ops.py --try "DELTA_PREP_IN_REGS=false,true").
+DELTA_PREP_IN_REGS = False
 DV_LOCAL_WARPS = 4
 OUT_FWD_WARPS = 4
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
@@ -246,7 +251,8 @@ def forward_pieces(
         W, U = _empty_like(k), _empty_like(v)
         fwd_kernels.delta_prep_kernel[(NT, H)](
             k, v, beta, q if G is None else G, X, W, U, table.chunk_tok, table.chunk_eos,
-            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc, num_warps=DELTA_PREP_WARPS,
+            H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc,
+            DELTA_PREP_IN_REGS and chunk == 4 * SUBBLOCK, num_warps=DELTA_PREP_WARPS,
         )  # fmt: skip
         vnew = _empty_like(v)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
