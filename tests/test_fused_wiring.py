@@ -246,3 +246,15 @@ def test_conv_and_gated_norm_switches_default_on():
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == expected
+
+
+def test_keep_states_switch_defaults_on():
+    """The linear recurrence's forward keeps its chunk states for the backward unless EFFARCH_KEEP_STATES=0."""
+    code = "from effarch.ops.linear.triton import launch; print(launch.SAVE_STATES)"
+    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "EFFARCH_KEEP_STATES"}
+        if value is not None:
+            env["EFFARCH_KEEP_STATES"] = value
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip() == expected

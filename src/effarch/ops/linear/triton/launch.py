@@ -140,8 +140,9 @@ SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks unt
 # the delta rule W and the pseudo-values, for the backward instead of having it form them again: memory for a
 # sequential pass (and the delta rule's WY kernel). The states cost H * K * V / chunk values per token per layer
 # (16 heads of 128 x 128 in bf16: 8 KiB per token); on an H200 keeping them saved 0.3-0.7 ms of fwd + bwd for
-# every rule at 8K and 32K tokens (GLA 8.95 against 9.46 ms, scalar decay at 32K 4.49 against 5.16). False: recompute.
-SAVE_STATES = True
+# every rule at 8K and 32K tokens (GLA 8.95 against 9.46 ms, scalar decay at 32K 4.49 against 5.16). False (or
+# EFFARCH_KEEP_STATES=0 at import): recompute them, for the memory.
+SAVE_STATES = os.environ.get("EFFARCH_KEEP_STATES", "1") != "0"
 
 
 def two_phase_pass(gk: int, n_sequences: int, n_chunks: int) -> bool:
