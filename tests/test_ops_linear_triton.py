@@ -519,6 +519,7 @@ SETTINGS = [
     *({"STATE_PASS": p, "case": c} for p in ("fused", "two_phase") for c in CASES),
     *({"DELTA_PREP_WARPS": 8, "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_PREP_IN_REGS": True, "case": c} for c in ("delta", "gated_delta")),
+    *({"STATE_BWD_DOTS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
