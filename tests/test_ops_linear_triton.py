@@ -186,6 +186,45 @@ def test_two_phase_state_passes_match_reference(case, shape, monkeypatch):
     assert_all_close(ours, ref, TOL.get(case, 1e-5))
 
 
+def check_bf16_on_the_interpreter(case: str, H: int, K: int, seed: int) -> None:
+    """bf16 inputs (70 tokens, V = 32, a small initial state) against the float32 reference, to bf16 accuracy."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 1, 70, H, K, 32, dtype=torch.bfloat16, seed=seed)
+    kw["initial_state"] = kw["initial_state"] * 0.1
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q.float(), k.float(), v.float(), kw)
+    assert_all_close(ours, ref, 2e-2)
+
+
+def spy_launches(monkeypatch, module, name: str, record) -> None:
+    """Replace module.name (a Triton kernel) by one that calls record(args) at each launch, then launches."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch_and_record(*args, **kwargs):
+                record(args)
+                return kernel[grid](*args, **kwargs)
+
+            return launch_and_record
+
+    monkeypatch.setattr(module, name, Spy())
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
+@pytest.mark.parametrize("buffers", ["float32", "input"])
+def test_delta_gradient_buffers_setting(case, buffers, monkeypatch):
+    """backward.DELTA_GRAD_BUFFERS with bf16 inputs: the gradients passed between the delta rule's backward kernels
+    (dU, dW, dk's first part) in float32 or in bf16; both match the float32 reference to bf16 accuracy, and the
+    buffers are allocated in the dtype asked for."""
+    monkeypatch.setattr(backward, "DELTA_GRAD_BUFFERS", buffers)
+    seen = []
+    spy_launches(monkeypatch, bwd_kernels, "wy_bwd_kernel", lambda a: seen.append((a[5].dtype, a[6].dtype, a[7].dtype)))
+    check_bf16_on_the_interpreter(case, 2, 32, seed=27)
+    assert seen == [(torch.bfloat16 if buffers == "input" else torch.float32,) * 3]
+
+
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
 @pytest.mark.parametrize("dots", ["input", "tf32"])
@@ -194,23 +233,8 @@ def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
     tf32 products (DTC 4) in blocks of 64 keys; both settings match the float32 reference to bf16 accuracy."""
     monkeypatch.setattr(backward, "DELTA_DQK_DOTS", dots)
     seen = []
-    kernel = bwd_kernels.dqk_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch_and_record(*args, **kwargs):
-                seen.append((args[-6], args[-1]))  # BK, DTC
-                return kernel[grid](*args, **kwargs)
-
-            return launch_and_record
-
-    monkeypatch.setattr(bwd_kernels, "dqk_kernel", Spy())
-    rule, decay = CASES[case]
-    q, k, v, kw = make(rule, decay, 1, 70, 1, 128, 32, dtype=torch.bfloat16, seed=24)
-    kw["initial_state"] = kw["initial_state"] * 0.1
-    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
-    ref = outputs_and_grads(linear_recurrence_reference, q.float(), k.float(), v.float(), kw)
-    assert_all_close(ours, ref, 2e-2)
+    spy_launches(monkeypatch, bwd_kernels, "dqk_kernel", lambda a: seen.append((a[-6], a[-1])))  # BK, DTC
+    check_bf16_on_the_interpreter(case, 1, 128, seed=24)
     assert seen == [(64, 4 if dots == "tf32" else 3)]  # 3: the interpreter's emulated bf16 products
 
 
@@ -229,17 +253,8 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
         cu = None
         q, k, v, kw = make(rule, decay, 2, 40, 2, 16, 16, seed=6)
     launches = []
-
-    class Spy:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launches.append(self.kernel)
-            return self.kernel[grid]
-
     for name in ("state_fwd_kernel", "delta_prep_kernel"):
-        monkeypatch.setattr(fwd_kernels, name, Spy(getattr(fwd_kernels, name)))
+        spy_launches(monkeypatch, fwd_kernels, name, lambda a, name=name: launches.append(name))
     results = {}
     for keep in (False, True):
         monkeypatch.setattr(launch, "SAVE_STATES", keep)
@@ -520,6 +535,7 @@ SETTINGS = [
     *({"DELTA_PREP_WARPS": 8, "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_PREP_IN_REGS": True, "case": c} for c in ("delta", "gated_delta")),
     *({"STATE_BWD_DOTS": "input", "case": c} for c in ("delta", "gated_delta")),
+    *({"DELTA_GRAD_BUFFERS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

@@ -39,6 +39,10 @@ DECAY_GRAD_DOTS = "tf32"
 # of 64 gave wrong dk in bf16 on an H200, see dqk_kernel's launch), and its sm_90 build then spills 1.5 KB per thread
 # at K = V = 128; with tf32 products it runs in blocks of 64 keys. "input" until measured side by side.
 DELTA_DQK_DOTS = "input"
+# The delta rule's gradient buffers that pass between its backward kernels (dU, dW and dk's first part, [T, H, V]
+# and [T, H, K]): "float32", or "input" to keep them in 16-bit inputs' dtype, halving what the WY backward reads
+# (it was 0.36 of 1.1 ms at the copy bandwidth at 8K). "float32" until measured side by side.
+DELTA_GRAD_BUFFERS = "float32"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -142,8 +146,9 @@ def chunk_backward(
 
     # Delta rule: the chunk-local part of dU first; the reverse state pass adds (K e^R) dS to it in place.
     dU = None
+    buf = q.dtype if half and DELTA_GRAD_BUFFERS == "input" else torch.float32  # see DELTA_GRAD_BUFFERS
     if delta:
-        dU = _empty(T, H, V, dtype=torch.float32, device=dev)
+        dU = _empty(T, H, V, dtype=buf, device=dev)
         dv_local(dU, None, False, state_dtc)
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
     dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
@@ -166,8 +171,8 @@ def chunk_backward(
     # dq and dk (float32 where more terms are added to them later), dW for the delta rule
     f32 = lambda *shape: _empty(*shape, dtype=torch.float32, device=dev)  # noqa: E731
     dq = f32(T, H, K) if gk == 2 else _empty(T, H, K, dtype=q.dtype, device=dev)
-    dk = f32(T, H, K) if gk == 2 or delta else _empty(T, H, K, dtype=k.dtype, device=dev)
-    dw = f32(T, H, K) if delta else None
+    dk = f32(T, H, K) if gk == 2 else _empty(T, H, K, dtype=buf if delta else k.dtype, device=dev)
+    dw = _empty(T, H, K, dtype=buf, device=dev) if delta else None
     # Key columns per program: with blocks of 64 the [C, BK] float32 accumulators stay in registers. Not with
     # native 16-bit products (DTC 1, 2): there the split gave wrong dk for the delta rule on an H200 with Triton 3.6.
     dqk_dtc = 4 if (half and delta and DELTA_DQK_DOTS == "tf32") else local_dtc

@@ -49,7 +49,8 @@ def state_bwd_kernel(
     PRE: tl.constexpr = False,
 ):
     """dhbuf[c] = gradient w.r.t. the state leaving chunk c ([NT, H, K, V] float32); dh0 = gradient w.r.t.
-    the initial state; delta rule: dU [T, H, V] float32 (gradient w.r.t. the pseudo-values). With PRE, dhbuf[c]
+    the initial state; delta rule: dU [T, H, V] (gradient w.r.t. the pseudo-values; float32, or the inputs' dtype
+    with backward.DELTA_GRAD_BUFFERS = "input"). With PRE, dhbuf[c]
     holds the chunk's own term scale (Q e^G)^T dO on entry (`chunk_outer_kernel`), read before dS is written
     there: the additive rule's pass then only decays and adds, the delta rule's takes two products per chunk
     instead of three. Grid (cdiv(V, BV), cdiv(K, BK), N * H)."""
@@ -128,7 +129,7 @@ def state_bwd_kernel(
                     kd = kk
                 # dU holds the chunk-local part scale P^T dO (`dv_local_kernel`); the state's part is added in place
                 du = tl.load(dU + off_tv, mask=m_tv, other=0.0) + mm(kd, dS, DTC)
-                tl.store(dU + off_tv, du, mask=m_tv)
+                tl.store(dU + off_tv, du.to(dU.dtype.element_ty), mask=m_tv)
                 # W^T loaded as [K, BT] directly rather than transposed in registers
                 wT = tl.load(
                     W + (rt.to(tl.int64)[None, :] * H + i_h) * K + rk[:, None],
@@ -255,7 +256,7 @@ def dqk_kernel(
           dq = scale e^G (dO S_0^T) + (dP * scale Gamma M) K,   dk = e^R (U dS^T) + (dP * scale Gamma M)^T Q.
         Per-key decay stores only the inter-chunk terms (float32) and dA = scale dP, for `gla_intra_bwd_kernel`.
         Scalar decay, additive rule: dgx = sum_K (q dq - k dk) per token (float32), for the decay-gradient identity.
-        Delta rule: dk float32 (the WY backward adds to it), dw = -dU S_0^T, and with scalar decay dgx = the
+        Delta rule: dk (the WY backward adds to it), dw = -dU S_0^T (both as dU), and with scalar decay dgx = the
         gradient w.r.t. the chunk-local cumsum G from the terms here (the WY backward adds its own and sums).
         dgx is [cdiv(K, BK), n_tok, H]: each program writes its key block's share, summed afterwards."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -358,7 +359,7 @@ def dqk_kernel(
         tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
         tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
     if DELTA:
-        tl.store(dw + off_tk, dw_acc, mask=m_tk)
+        tl.store(dw + off_tk, dw_acc.to(dw.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
