@@ -227,6 +227,26 @@ def test_delta_gradient_buffers_setting(case, buffers, monkeypatch):
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
+def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
+    """backward.DELTA_STATE_BWD_BV = 16: the delta rule's reverse state pass in blocks of 16 value columns (V = 40:
+    the last block partly masked) matches the reference; with bf16 products it keeps blocks of 32."""
+    monkeypatch.setattr(backward, "DELTA_STATE_BWD_BV", 16)
+    blocks = []
+    spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: blocks.append(a[17]))  # BV
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=28)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+    assert blocks == [16]
+    monkeypatch.setattr(backward, "STATE_BWD_DOTS", "input")
+    blocks.clear()
+    check_bf16_on_the_interpreter(case, 1, 32, seed=29)
+    assert blocks == [32]
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
 @pytest.mark.parametrize("dots", ["input", "tf32"])
 def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
     """backward.DELTA_DQK_DOTS with bf16 inputs at K = 128: "tf32" runs the delta rule's dq / dk / dW kernel with
@@ -536,6 +556,7 @@ SETTINGS = [
     *({"DELTA_PREP_IN_REGS": True, "case": c} for c in ("delta", "gated_delta")),
     *({"STATE_BWD_DOTS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_GRAD_BUFFERS": "input", "case": c} for c in ("delta", "gated_delta")),
+    *({"DELTA_STATE_BWD_BV": 16, "case": c} for c in ("delta", "gated_delta")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

@@ -43,6 +43,11 @@ DELTA_DQK_DOTS = "input"
 # and [T, H, K]): "float32", or "input" to keep them in 16-bit inputs' dtype, halving what the WY backward reads
 # (it was 0.36 of 1.1 ms at the copy bandwidth at 8K). "float32" until measured side by side.
 DELTA_GRAD_BUFFERS = "float32"
+# Value columns per program of the delta rule's reverse state pass when its products are tf32 (or float32): 16
+# runs twice the programs of 32 and its sm_90 build spills 64 B per thread against 272 B (8 warps, K = V = 128).
+# Narrower blocks with bf16 products gave wrong gradients on an H200 (see launch.state_blocks), so the input-dtype
+# products keep 32. 32 until measured side by side.
+DELTA_STATE_BWD_BV = 32
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -160,6 +165,8 @@ def chunk_backward(
         BKs, BVs = launch.scan_blocks(K, V, N * H)
     else:
         BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
+        if delta and state_dtc in (0, 4):
+            BVs = min(BVs, DELTA_STATE_BWD_BV)
     bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
         q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
