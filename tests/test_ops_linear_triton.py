@@ -10,6 +10,7 @@ rule's decay gradient, see the test), float32 within 1e-4 of the reference.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -196,6 +197,17 @@ def check_bf16_on_the_interpreter(case: str, H: int, K: int, seed: int) -> None:
     assert_all_close(ours, ref, 2e-2)
 
 
+def packed_or_dense(case: str, packed: bool, L: int, K: int, seed: int):
+    """(q, k, v, kw, cu_seqlens) of 2 heads, V = 16: packed, sequences of 5, 0, 2L - 5 and L // 4 + 2 tokens
+    (an empty one, lengths not multiples of the chunk); dense, 2 sequences of 2L tokens."""
+    rule, decay = CASES[case]
+    if not packed:
+        return (*make(rule, decay, 2, 2 * L, 2, K, 16, seed=seed), None)
+    lengths = [5, 0, 2 * L - 5, L // 4 + 2]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    return (*make(rule, decay, 1, int(cu[-1]), 2, K, 16, n_seq=4, seed=seed), cu)
+
+
 def spy_launches(monkeypatch, module, name: str, record) -> None:
     """Replace module.name (a Triton kernel) by one that calls record(args) at each launch, then launches."""
     kernel = getattr(module, name)
@@ -223,6 +235,27 @@ def test_delta_gradient_buffers_setting(case, buffers, monkeypatch):
     spy_launches(monkeypatch, bwd_kernels, "wy_bwd_kernel", lambda a: seen.append((a[5].dtype, a[6].dtype, a[7].dtype)))
     check_bf16_on_the_interpreter(case, 2, 32, seed=27)
     assert seen == [(torch.bfloat16 if buffers == "input" else torch.float32,) * 3]
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["fixed", "scalar", "per_key"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeypatch):
+    """backward.DECAY_SUFFIX_KERNEL: the decay gradient's suffix sums in one Triton pass over each sequence's chunks
+    (K = 40 in blocks of 32 keys) give the gradients of PyTorch's reverse cumsum to float32 rounding, and the
+    reference's; packed: an empty sequence and lengths not multiples of the chunk, with the final state's gradient
+    as each sequence's starting carry."""
+    q, k, v, kw, cu = packed_or_dense(case, packed, 35, 40, seed=30)
+    launches = []
+    spy_launches(monkeypatch, bwd_kernels, "suffix_sum_kernel", lambda a: launches.append(a[-2]))  # BD
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(backward, "DECAY_SUFFIX_KERNEL", on)
+        results[on] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+    assert launches == [32 if case == "per_key" else 16]
+    assert_all_close(results[True], results[False], 1e-5)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(results[True], ref, TOL.get(case, 1e-5))
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
@@ -265,13 +298,7 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
     """launch.SAVE_STATES: the forward keeps the states entering each chunk (dense batches; and the delta rule's W
     and pseudo-values), so the backward runs no state pass or WY kernel of its own; outputs and gradients are bit
     for bit those of recomputing. Packed batches recompute as before."""
-    rule, decay = CASES[case]
-    if packed:
-        cu = torch.tensor([0, 5, 5, 30, 37])
-        q, k, v, kw = make(rule, decay, 1, 37, 2, 16, 16, n_seq=4, seed=6)
-    else:
-        cu = None
-        q, k, v, kw = make(rule, decay, 2, 40, 2, 16, 16, seed=6)
+    q, k, v, kw, cu = packed_or_dense(case, packed, 20, 16, seed=6)
     launches = []
     for name in ("state_fwd_kernel", "delta_prep_kernel"):
         spy_launches(monkeypatch, fwd_kernels, name, lambda a, name=name: launches.append(name))
@@ -281,7 +308,7 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
         launches.clear()
         results[keep] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
         runs = 1 if keep and not packed else 2  # the forward's, and the backward's unless kept
-        assert len(launches) == runs * (2 if rule == "delta" else 1)
+        assert len(launches) == runs * (2 if CASES[case][0] == "delta" else 1)
     for name in results[False]:
         assert torch.equal(results[True][name], results[False][name]), name
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
@@ -557,6 +584,7 @@ SETTINGS = [
     *({"STATE_BWD_DOTS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_GRAD_BUFFERS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_STATE_BWD_BV": 16, "case": c} for c in ("delta", "gated_delta")),
+    *({"DECAY_SUFFIX_KERNEL": True, "case": c} for c in ("fixed", "scalar", "per_key")),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

@@ -48,6 +48,10 @@ DELTA_GRAD_BUFFERS = "float32"
 # Narrower blocks with bf16 products gave wrong gradients on an H200 (see launch.state_blocks), so the input-dtype
 # products keep 32. 32 until measured side by side.
 DELTA_STATE_BWD_BV = 32
+# The decay gradient's suffix sums over each sequence: one Triton pass walking each sequence's chunks from the last
+# (True), or PyTorch's two-level reverse cumsum and the end term added after (False): at 8K GLA's backward on an
+# H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. False until measured.
+DECAY_SUFFIX_KERNEL = False
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -88,14 +92,26 @@ def _eos_of_tokens(table: ChunkTable, T: int) -> torch.Tensor:
     return table.cu.long()[1:][_seq_of_tokens(table, T)]
 
 
-def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len: int) -> torch.Tensor:
+def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len: int, chunk: int) -> torch.Tensor:
     """dg [T, H] or [T, H, K] float32 by the identity in the module docstring, from x = q dq - k dk per token
     ([T, H, K], or summed over K for scalar decay: [T, H])."""
-    dg = _suffix_sums(x, table, dense_len)
+    end = None
     if dhT is not None:
         end = (hT * dhT).sum(-1)  # [N, H, K]
         if not per_key:
             end = end.sum(-1)
+    if DECAY_SUFFIX_KERNEL:
+        T, H = x.shape[:2]
+        D = x.shape[2] if per_key else 1
+        dg = _empty(*x.shape, dtype=torch.float32, device=x.device)
+        BD = min(_pow2(D), 32)
+        bwd_kernels.suffix_sum_kernel[(triton.cdiv(D, BD), table.n_seqs * H)](
+            x.contiguous(), x if end is None else end.contiguous(), dg, table.cu, table.seq_chunk, H, D, chunk, BD,
+            end is not None,
+        )  # fmt: skip
+        return dg
+    dg = _suffix_sums(x, table, dense_len)
+    if end is not None:
         dg = dg + end[_seq_of_tokens(table, x.shape[0])]
     return dg
 
@@ -219,5 +235,5 @@ def chunk_backward(
         )  # fmt: skip
         dq, dk = dqo, dko
     if additive_decay:
-        dg = additive_decay_grad(dgx, p.hT, dhT, gk == 2, table, dense_len)
+        dg = additive_decay_grad(dgx, p.hT, dhT, gk == 2, table, dense_len, chunk)
     return dq, dk, dv, dg, dbeta, dh0

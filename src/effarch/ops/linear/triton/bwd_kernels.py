@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from effarch.ops.linear.triton.fwd_kernels import chunk_tile, last_log_decay, mm
+from effarch.ops.linear.triton.fwd_kernels import chunk_tile, last_log_decay, mm, sequence_of
 
 
 @triton.jit
@@ -55,12 +55,7 @@ def state_bwd_kernel(
     there: the additive rule's pass then only decays and adds, the delta rule's takes two products per chunk
     instead of three. Grid (cdiv(V, BV), cdiv(K, BK), N * H)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu + i_n)
-    eos = tl.load(cu + i_n + 1)
-    c0 = tl.load(seq_chunk + i_n)
-    c1 = tl.load(seq_chunk + i_n + 1)
+    i_h, bos, eos, c0, c1 = sequence_of(cu, seq_chunk, i_nh, H)
     rb = tl.arange(0, BT)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
@@ -588,3 +583,28 @@ def _gla_intra_bwd_by_columns(q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, 
         )
         acc_k += row[:, None] * qj[None, :] * tl.exp(tl.where(m_row[:, None], gj[None, :] - gi, float("-inf")))
     return acc_q, acc_k
+
+
+@triton.jit
+def suffix_sum_kernel(x, carry0, out, cu, seq_chunk, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                      BD: tl.constexpr, HAS_CARRY: tl.constexpr):  # fmt: skip
+    """out[t] = carry0[n] + sum_{u >= t in t's sequence n} x[u] for x, out [T, H, D] float32 and carry0 [N, H, D]:
+    the decay gradient's suffix sums. Each program walks its sequence's chunks from the last, with the chunk's
+    reverse cumsum in registers and the later chunks' total carried. Grid (cdiv(D, BD), N * H)."""
+    i_d, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h, bos, eos, c0, c1 = sequence_of(cu, seq_chunk, i_nh, H)
+    rb = tl.arange(0, BT)
+    rd = i_d * BD + tl.arange(0, BD)
+    md = rd < D
+    if HAS_CARRY:
+        carry = tl.load(carry0 + i_nh.to(tl.int64) * D + rd, mask=md, other=0.0)
+    else:
+        carry = tl.zeros([BD], dtype=tl.float32)
+    for j in range(0, c1 - c0):
+        rt = bos + (c1 - 1 - j - c0) * BT + rb
+        m = (rt < eos)[:, None] & md[None, :]
+        off = (rt.to(tl.int64)[:, None] * H + i_h) * D + rd[None, :]
+        xt = tl.load(x + off, mask=m, other=0.0)
+        total = tl.sum(xt, axis=0)
+        tl.store(out + off, total[None, :] - tl.cumsum(xt, axis=0) + xt + carry[None, :], mask=m)
+        carry += total

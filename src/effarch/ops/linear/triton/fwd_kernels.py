@@ -40,6 +40,14 @@ def mm(a, b, DTC: tl.constexpr):
 
 
 @triton.jit
+def sequence_of(cu, seq_chunk, i_nh, H: tl.constexpr):
+    """Program i_nh = sequence * H + head of a pass over one sequence's chunks: (head, first token, end token,
+    first chunk, end chunk)."""
+    i_n = i_nh // H
+    return i_nh % H, tl.load(cu + i_n), tl.load(cu + i_n + 1), tl.load(seq_chunk + i_n), tl.load(seq_chunk + i_n + 1)
+
+
+@triton.jit
 def chunk_tile(chunk_tok, chunk_eos, i_c, i_h, i_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
     """Indices of chunk i_c, head i_h and value block i_v: (first token, end of its sequence, positions in the
@@ -476,12 +484,7 @@ def state_fwd_kernel(
     as slot c is read before S is written there) and the pass only decays and adds. Grid
     (cdiv(V, BV), cdiv(K, BK), N * H)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos = tl.load(cu + i_n)
-    eos = tl.load(cu + i_n + 1)
-    c0 = tl.load(seq_chunk + i_n)
-    c1 = tl.load(seq_chunk + i_n + 1)
+    i_h, bos, eos, c0, c1 = sequence_of(cu, seq_chunk, i_nh, H)
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     mk = rk < K
