@@ -101,7 +101,7 @@ def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len:
         if not per_key:
             end = end.sum(-1)
     if DECAY_SUFFIX_KERNEL:
-        T, H = x.shape[:2]
+        H = x.shape[1]
         D = x.shape[2] if per_key else 1
         dg = _empty(*x.shape, dtype=torch.float32, device=x.device)
         BD = min(_pow2(D), 32)
