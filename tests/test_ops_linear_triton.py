@@ -259,13 +259,28 @@ def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeyp
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["linear", "scalar", "per_key", "delta", "gated_delta"])
+@pytest.mark.parametrize("state_pass", ["fused", "two_phase"])
+def test_state_gradients_stored_in_the_input_dtype(case, state_pass, monkeypatch):
+    """backward.STATE_GRAD_BUFFER = "input" with bf16 inputs: the reverse pass stores each chunk's dS in bf16 (the
+    two-phase pass then takes its chunk terms from a float32 buffer of their own); gradients match the float32
+    reference to bf16 accuracy."""
+    monkeypatch.setattr(backward, "STATE_GRAD_BUFFER", "input")
+    monkeypatch.setattr(launch, "STATE_PASS", state_pass)
+    seen = []
+    spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: seen.append((a[5].dtype, a[9].dtype)))
+    check_bf16_on_the_interpreter(case, 2, 32, seed=31)
+    assert seen == [(torch.bfloat16, torch.float32 if state_pass == "two_phase" else torch.bfloat16)]  # dS, D
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
 def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
     """backward.DELTA_STATE_BWD_BV = 16: the delta rule's reverse state pass in blocks of 16 value columns (V = 40:
     the last block partly masked) matches the reference; with bf16 products it keeps blocks of 32."""
     monkeypatch.setattr(backward, "DELTA_STATE_BWD_BV", 16)
     blocks = []
-    spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: blocks.append(a[17]))  # BV
+    spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: blocks.append(a[18]))  # BV
     rule, decay = CASES[case]
     q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=28)
     ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
@@ -585,6 +600,7 @@ SETTINGS = [
     *({"DELTA_GRAD_BUFFERS": "input", "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_STATE_BWD_BV": 16, "case": c} for c in ("delta", "gated_delta")),
     *({"DECAY_SUFFIX_KERNEL": True, "case": c} for c in ("fixed", "scalar", "per_key")),
+    *({"STATE_GRAD_BUFFER": "input", "case": c} for c in CASES),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

@@ -52,6 +52,10 @@ DELTA_STATE_BWD_BV = 32
 # (True), or PyTorch's two-level reverse cumsum and the end term added after (False): at 8K GLA's backward on an
 # H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. False until measured.
 DECAY_SUFFIX_KERNEL = False
+# The reverse state pass's output dS per chunk ([NT, H, K, V], read again by the dv and dq / dk kernels): "float32",
+# or "input" to store it in 16-bit inputs' dtype (the sequential pass still carries float32), halving the largest
+# buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). "float32" until measured side by side.
+STATE_GRAD_BUFFER = "float32"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -172,11 +176,13 @@ def chunk_backward(
         dU = _empty(T, H, V, dtype=buf, device=dev)
         dv_local(dU, None, False, state_dtc)
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
-    dh = _empty(NT, H, K, V, dtype=torch.float32, device=dev)
+    dh = _empty(NT, H, K, V, dtype=q.dtype if half and STATE_GRAD_BUFFER == "input" else torch.float32, device=dev)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
     two_phase = launch.two_phase_pass(gk, N, NT)
-    if two_phase:  # each chunk's scale (Q e^G)^T dO first, into dh; the pass reads it from there
-        launch.chunk_terms(q, do, p.G, dh, table, chunk, scale, reverse=True, dtc=state_dtc)
+    D = dh
+    if two_phase:  # each chunk's scale (Q e^G)^T dO first, into dh when float32; the pass reads it from there
+        D = dh if dh.dtype == torch.float32 else _empty(NT, H, K, V, dtype=torch.float32, device=dev)
+        launch.chunk_terms(q, do, p.G, D, table, chunk, scale, reverse=True, dtc=state_dtc)
     if two_phase and not delta:
         BKs, BVs = launch.scan_blocks(K, V, N * H)
     else:
@@ -185,7 +191,7 @@ def chunk_backward(
             BVs = min(BVs, DELTA_STATE_BWD_BV)
     bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
-        q if dU is None else dU, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
+        q if dU is None else dU, D, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
         dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else 8, num_stages=2,
     )  # fmt: skip
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)

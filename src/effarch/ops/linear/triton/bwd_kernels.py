@@ -32,6 +32,7 @@ def state_bwd_kernel(
     dhT,
     dh0,
     dU,
+    D,
     cu,
     seq_chunk,
     scale,
@@ -48,12 +49,12 @@ def state_bwd_kernel(
     DTC: tl.constexpr,
     PRE: tl.constexpr = False,
 ):
-    """dhbuf[c] = gradient w.r.t. the state leaving chunk c ([NT, H, K, V] float32); dh0 = gradient w.r.t.
-    the initial state; delta rule: dU [T, H, V] (gradient w.r.t. the pseudo-values; float32, or the inputs' dtype
-    with backward.DELTA_GRAD_BUFFERS = "input"). With PRE, dhbuf[c]
-    holds the chunk's own term scale (Q e^G)^T dO on entry (`chunk_outer_kernel`), read before dS is written
-    there: the additive rule's pass then only decays and adds, the delta rule's takes two products per chunk
-    instead of three. Grid (cdiv(V, BV), cdiv(K, BK), N * H)."""
+    """dhbuf[c] = gradient w.r.t. the state leaving chunk c ([NT, H, K, V]; float32, or the inputs' dtype with
+    backward.STATE_GRAD_BUFFER = "input"); dh0 = gradient w.r.t. the initial state; delta rule: dU [T, H, V]
+    (gradient w.r.t. the pseudo-values; float32, or the inputs' dtype with backward.DELTA_GRAD_BUFFERS = "input").
+    With PRE, D[c] [NT, H, K, V] float32 holds the chunk's own term scale (Q e^G)^T dO (`chunk_outer_kernel`; D may
+    be dhbuf itself, as slot c is read before dS is written there): the additive rule's pass then only decays and
+    adds, the delta rule's takes two products per chunk instead of three. Grid (cdiv(V, BV), cdiv(K, BK), N * H)."""
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h, bos, eos, c0, c1 = sequence_of(cu, seq_chunk, i_nh, H)
     rb = tl.arange(0, BT)
@@ -69,7 +70,7 @@ def state_bwd_kernel(
         dS = tl.zeros([BK, BV], dtype=tl.float32)
     if PRE:  # the next chunk's term is loaded one iteration ahead, so its load overlaps the current update
         nxt = tl.load(
-            dhbuf + ((c1 - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c1 > c0), other=0.0
+            D + ((c1 - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c1 > c0), other=0.0
         )
     for j in range(0, c1 - c0):
         c = c1 - 1 - j
@@ -77,9 +78,9 @@ def state_bwd_kernel(
         if PRE:
             own = nxt
             nxt = tl.load(
-                dhbuf + ((c - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c > c0), other=0.0
+                D + ((c - 1) * H + i_h).to(tl.int64) * K * V + off_kv, mask=mkv & (off_kv * 0 + c > c0), other=0.0
             )
-        tl.store(dhbuf + (c * H + i_h).to(tl.int64) * K * V + off_kv, dS, mask=mkv)
+        tl.store(dhbuf + (c * H + i_h).to(tl.int64) * K * V + off_kv, dS.to(dhbuf.dtype.element_ty), mask=mkv)
         rt = t0 + rb
         mt = rt < eos
         t_last = tl.minimum(t0 + BT, eos) - 1
