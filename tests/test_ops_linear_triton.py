@@ -261,23 +261,26 @@ def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeyp
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["linear", "scalar", "per_key", "delta", "gated_delta"])
 @pytest.mark.parametrize("state_pass", ["fused", "two_phase"])
-def test_state_gradients_stored_in_the_input_dtype(case, state_pass, monkeypatch):
-    """backward.STATE_GRAD_BUFFER = "input" with bf16 inputs: the reverse pass stores each chunk's dS in bf16 (the
-    two-phase pass then takes its chunk terms from a float32 buffer of their own); gradients match the float32
-    reference to bf16 accuracy."""
-    monkeypatch.setattr(backward, "STATE_GRAD_BUFFER", "input")
+@pytest.mark.parametrize("buffer", ["float32", "input"])
+def test_state_gradients_stored_in_the_buffer_dtype(case, state_pass, buffer, monkeypatch):
+    """backward.STATE_GRAD_BUFFER with bf16 inputs: the reverse pass stores each chunk's dS in float32 or in bf16
+    (the two-phase pass then takes its chunk terms from a float32 buffer of their own, otherwise from dS itself);
+    gradients match the float32 reference to bf16 accuracy."""
+    monkeypatch.setattr(backward, "STATE_GRAD_BUFFER", buffer)
     monkeypatch.setattr(launch, "STATE_PASS", state_pass)
     seen = []
     spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: seen.append((a[5].dtype, a[9].dtype)))
     check_bf16_on_the_interpreter(case, 2, 32, seed=31)
-    assert seen == [(torch.bfloat16, torch.float32 if state_pass == "two_phase" else torch.bfloat16)]  # dS, D
+    dS = torch.bfloat16 if buffer == "input" else torch.float32
+    assert seen == [(dS, torch.float32 if state_pass == "two_phase" else dS)]  # dS, D
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
 def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
     """backward.DELTA_STATE_BWD_BV = 16: the delta rule's reverse state pass in blocks of 16 value columns (V = 40:
-    the last block partly masked) matches the reference; with bf16 products it keeps blocks of 32."""
+    the last block partly masked) matches the reference, float32 and bf16 inputs with tf32 products; with bf16
+    products (STATE_BWD_DOTS = "input") it keeps blocks of 32."""
     monkeypatch.setattr(backward, "DELTA_STATE_BWD_BV", 16)
     blocks = []
     spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: blocks.append(a[18]))  # BV
@@ -287,10 +290,11 @@ def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
     assert_all_close(ours, ref, TOL.get(case, 1e-5))
     assert blocks == [16]
-    monkeypatch.setattr(backward, "STATE_BWD_DOTS", "input")
-    blocks.clear()
-    check_bf16_on_the_interpreter(case, 1, 32, seed=29)
-    assert blocks == [32]
+    for dots, width in (("tf32", 16), ("input", 32)):
+        monkeypatch.setattr(backward, "STATE_BWD_DOTS", dots)
+        blocks.clear()
+        check_bf16_on_the_interpreter(case, 1, 32, seed=29)
+        assert blocks == [width]
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
@@ -331,16 +335,19 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
 
 
 def test_auto_state_pass_takes_two_phases_for_per_key_decay_and_long_sequences(monkeypatch):
-    """STATE_PASS = "auto": two phases for per-key decay at any length, otherwise from TWO_PHASE_CHUNKS chunks per
-    sequence on average; "fused" and "two_phase" force the choice, anything else is refused in one sentence."""
+    """STATE_PASS = "auto": two phases for per-key decay at any length; for a scalar decay and the delta rule from
+    TWO_PHASE_CHUNKS chunks per sequence on average; never for the additive rule without decay. "fused" and
+    "two_phase" force the choice, anything else is refused in one sentence."""
     monkeypatch.setattr(launch, "STATE_PASS", "auto")
     n = launch.TWO_PHASE_CHUNKS
     assert launch.two_phase_pass(2, 4, 4)
-    for gk in (0, 1):
-        assert not launch.two_phase_pass(gk, 4, 4 * n - 1) and launch.two_phase_pass(gk, 4, 4 * n)
+    for gk, delta in ((1, False), (0, True), (1, True)):
+        assert not launch.two_phase_pass(gk, 4, 4 * n - 1, delta) and launch.two_phase_pass(gk, 4, 4 * n, delta)
+    assert not launch.two_phase_pass(0, 1, 100 * n)
     for forced in ("fused", "two_phase"):
         monkeypatch.setattr(launch, "STATE_PASS", forced)
-        assert {launch.two_phase_pass(gk, 1, c) for gk in (0, 1, 2) for c in (1, 4 * n)} == {forced == "two_phase"}
+        got = {launch.two_phase_pass(gk, 1, c, d) for gk in (0, 1, 2) for c in (1, 4 * n) for d in (False, True)}
+        assert got == {forced == "two_phase"}
     monkeypatch.setattr(launch, "STATE_PASS", "two-phase")
     with pytest.raises(ValueError, match="valid: 'auto', 'fused', 'two_phase'"):
         launch.two_phase_pass(1, 1, 1)
@@ -595,12 +602,12 @@ def test_cuda_bf16_matches_float32_at_real_shapes(case):
 SETTINGS = [
     *({"STATE_PASS": p, "case": c} for p in ("fused", "two_phase") for c in CASES),
     *({"DELTA_PREP_WARPS": 8, "case": c} for c in ("delta", "gated_delta")),
-    *({"DELTA_PREP_IN_REGS": True, "case": c} for c in ("delta", "gated_delta")),
-    *({"STATE_BWD_DOTS": "input", "case": c} for c in ("delta", "gated_delta")),
-    *({"DELTA_GRAD_BUFFERS": "input", "case": c} for c in ("delta", "gated_delta")),
-    *({"DELTA_STATE_BWD_BV": 16, "case": c} for c in ("delta", "gated_delta")),
-    *({"DECAY_SUFFIX_KERNEL": True, "case": c} for c in ("fixed", "scalar", "per_key")),
-    *({"STATE_GRAD_BUFFER": "input", "case": c} for c in CASES),
+    *({"DELTA_PREP_IN_REGS": False, "case": c} for c in ("delta", "gated_delta")),
+    *({"STATE_BWD_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
+    *({"DELTA_GRAD_BUFFERS": "float32", "case": c} for c in ("delta", "gated_delta")),
+    *({"DELTA_STATE_BWD_BV": 16, "STATE_BWD_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
+    *({"DECAY_SUFFIX_KERNEL": False, "case": c} for c in ("fixed", "scalar", "per_key")),
+    *({"STATE_GRAD_BUFFER": "float32", "case": c} for c in CASES),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),

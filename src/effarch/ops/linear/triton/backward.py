@@ -32,8 +32,10 @@ from effarch.ops.linear.triton.layout import ChunkTable
 # Measured on an H200 with Triton 3.6, bf16 inputs, T = 512: with bf16 products the delta-rule state pass came
 # out wrong (relative error ~1, once an illegal memory access; tf32 products: 2e-3), and the fixed per-head
 # decay's gradient had relative error 2.3e-2 with bf16 products everywhere, 1.7e-2 with tf32 in the
-# chunk-local kernel only and 7.4e-3 with tf32 everywhere, as q dq - k dk cancels.
-STATE_BWD_DOTS = "tf32"
+# chunk-local kernel only and 7.4e-3 with tf32 everywhere, as q dq - k dk cancels. The delta rule's state pass has
+# since kept every key row and 32+ value columns per program (launch.state_blocks): with bf16 products it passes
+# the CUDA tests and took 4.97 ms of fwd + bwd against 5.49 with tf32 (gated delta 6.06 against 6.91; H200, 8K).
+STATE_BWD_DOTS = "input"
 DECAY_GRAD_DOTS = "tf32"
 # The delta rule's dq / dk / dW kernel: with products in the input dtype it must hold all K keys per program (blocks
 # of 64 gave wrong dk in bf16 on an H200, see dqk_kernel's launch), and its sm_90 build then spills 1.5 KB per thread
@@ -41,21 +43,25 @@ DECAY_GRAD_DOTS = "tf32"
 DELTA_DQK_DOTS = "input"
 # The delta rule's gradient buffers that pass between its backward kernels (dU, dW and dk's first part, [T, H, V]
 # and [T, H, K]): "float32", or "input" to keep them in 16-bit inputs' dtype, halving what the WY backward reads
-# (it was 0.36 of 1.1 ms at the copy bandwidth at 8K). "float32" until measured side by side.
-DELTA_GRAD_BUFFERS = "float32"
+# (it was 0.36 of 1.1 ms at the copy bandwidth at 8K). On an H200 (8K, bf16) "input" took the delta rule's fwd + bwd
+# to 4.93 ms from 5.49, gated delta to 6.32 from 6.91.
+DELTA_GRAD_BUFFERS = "input"
 # Value columns per program of the delta rule's reverse state pass when its products are tf32 (or float32): 16
 # runs twice the programs of 32 and its sm_90 build spills 64 B per thread against 272 B (8 warps, K = V = 128).
 # Narrower blocks with bf16 products gave wrong gradients on an H200 (see launch.state_blocks), so the input-dtype
-# products keep 32. 32 until measured side by side.
+# products keep 32. 16 lost on an H200 (8K, bf16): delta rule fwd + bwd 6.23 ms against 5.49, gated delta 7.66
+# against 6.91.
 DELTA_STATE_BWD_BV = 32
 # The decay gradient's suffix sums over each sequence: one Triton pass walking each sequence's chunks from the last
 # (True), or PyTorch's two-level reverse cumsum and the end term added after (False): at 8K GLA's backward on an
-# H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. False until measured.
-DECAY_SUFFIX_KERNEL = False
+# H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. The Triton pass took
+# GLA's fwd + bwd to 5.67 ms from 6.60 (8K, bf16); scalar decay was even (3.02 / 3.06 against 2.98 / 3.41).
+DECAY_SUFFIX_KERNEL = True
 # The reverse state pass's output dS per chunk ([NT, H, K, V], read again by the dv and dq / dk kernels): "float32",
 # or "input" to store it in 16-bit inputs' dtype (the sequential pass still carries float32), halving the largest
-# buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). "float32" until measured side by side.
-STATE_GRAD_BUFFER = "float32"
+# buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). On an H200 (8K, bf16) "input" took scalar
+# decay's fwd + bwd to 2.98 ms from 3.41, GLA's to 5.52 from 5.67 (with the suffix kernel).
+STATE_GRAD_BUFFER = "input"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -178,7 +184,7 @@ def chunk_backward(
     # Reverse state pass (tf32 products for the delta rule: see STATE_BWD_DOTS).
     dh = _empty(NT, H, K, V, dtype=q.dtype if half and STATE_GRAD_BUFFER == "input" else torch.float32, device=dev)
     dh0 = _empty(N, H, K, V, dtype=torch.float32, device=dev)
-    two_phase = launch.two_phase_pass(gk, N, NT)
+    two_phase = launch.two_phase_pass(gk, N, NT, delta)
     D = dh
     if two_phase:  # each chunk's scale (Q e^G)^T dO first, into dh when float32; the pass reads it from there
         D = dh if dh.dtype == torch.float32 else _empty(NT, H, K, V, dtype=torch.float32, device=dev)

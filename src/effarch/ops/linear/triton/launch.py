@@ -108,11 +108,13 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 # The additive rule's state passes: "fused" walks each sequence's chunks with the chunk's products inside the
 # sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
 # so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer); "auto"
-# takes two phases for per-key decay and for sequences of TWO_PHASE_CHUNKS chunks or more on average. Measured on an
-# H200 (fwd + bwd, 32,768 tokens, H = 16, K = V = 128, bf16, states kept): two phases won for GLA at 8K and 32K
-# (8.67 against 8.95 ms, 8.71 against 10.00) and for every rule at 32K (scalar decay 3.69 against 4.49, delta rule
-# 6.97 against 7.35, gated delta 8.84 against 9.17); at 8K the fused pass won for scalar decay (3.02 against 3.33)
-# and the gated delta rule (7.33 against 7.41), and the delta rule was even (5.99 against 6.04).
+# takes two phases for per-key decay, and for a scalar decay or the delta rule over sequences of TWO_PHASE_CHUNKS
+# chunks or more on average; the additive rule without decay stays fused. Measured on an H200 (fwd + bwd, 32,768
+# tokens, H = 16, K = V = 128, bf16, states kept): two phases won for GLA at 8K and 32K (8.67 against 8.95 ms, 8.71
+# against 10.00) and at 32K for scalar decay (3.69 against 4.49), the delta rule (6.97 against 7.35) and gated delta
+# (8.84 against 9.17), but lost for linear attention (no decay) at 32K (3.18 against 2.14) and 8K (2.43 against
+# 2.21); at 8K the fused pass won for scalar decay (3.02 against 3.33) and the gated delta rule (7.33 against 7.41),
+# and the delta rule was even (5.99 against 6.04).
 STATE_PASS = "auto"
 TWO_PHASE_CHUNKS = 256
 # Warps per program of chunk-local kernels whose sm_90 build spills at K = V = 128 with 4 warps (ptxas, bf16):
@@ -122,9 +124,10 @@ TWO_PHASE_CHUNKS = 256
 DELTA_PREP_WARPS = 4
 # The delta rule's inverse (I + A)^{-1} per chunk: False builds it block row by block row through memory (each block
 # row reads the rows above it back, and K's blocks are loaded again for every block of A); True holds every 16 x 16
-# block of A and of the inverse in registers and writes the inverse once (chunks of 4 sub-blocks only). Off until
-# measured side by side on the GPU (benchmarks/linear_ops.py --try "DELTA_PREP_IN_REGS=false,true").
-DELTA_PREP_IN_REGS = False
+# block of A and of the inverse in registers and writes the inverse once (chunks of 4 sub-blocks only). On an H200
+# (8K, bf16, with bf16 reverse-pass products) the delta rule's fwd + bwd took 4.92 ms against 4.97, gated delta 5.98
+# against 6.06, the forwards 1.53 / 1.78 against 1.58 / 1.87.
+DELTA_PREP_IN_REGS = True
 DV_LOCAL_WARPS = 4
 OUT_FWD_WARPS = 4
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
@@ -145,14 +148,15 @@ SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks unt
 SAVE_STATES = os.environ.get("EFFARCH_KEEP_STATES", "1") != "0"
 
 
-def two_phase_pass(gk: int, n_sequences: int, n_chunks: int) -> bool:
-    """Whether the additive rule's state passes take two phases (see STATE_PASS) for decay kind `gk` (0 none,
-    1 scalar, 2 per key) over `n_chunks` chunks of `n_sequences` sequences."""
+def two_phase_pass(gk: int, n_sequences: int, n_chunks: int, delta: bool = False) -> bool:
+    """Whether the state passes take two phases (see STATE_PASS) for decay kind `gk` (0 none, 1 scalar, 2 per
+    key) of the additive rule, or of the delta rule when `delta`, over `n_chunks` chunks of `n_sequences`
+    sequences."""
     if STATE_PASS not in ("auto", "fused", "two_phase"):
         raise ValueError(f"launch.STATE_PASS is {STATE_PASS!r}; valid: 'auto', 'fused', 'two_phase'")
     if STATE_PASS != "auto":
         return STATE_PASS == "two_phase"
-    return gk == 2 or n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
+    return gk == 2 or (gk == 1 or delta) and n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
 
 
 def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
