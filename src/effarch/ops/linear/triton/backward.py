@@ -5,8 +5,10 @@ For the additive rule the decay gradient follows from dq and dk alone: writing q
 k~_t = k_t e^{-G_t} with G the cumulative log decay over the whole sequence, the loss depends on G_t only
 through q~_t and k~_t (and on G at the end through the final state), so
   dg_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_V S_T dS_T        (per key; summed over K for scalar g)
-("Gated Linear Attention Transformers with Hardware-Efficient Training", arXiv 2312.06635). The delta
-rule's decay gradient is formed inside the chunk kernel instead.
+("Gated Linear Attention Transformers with Hardware-Efficient Training", arXiv 2312.06635). The terms of the
+tokens after t's chunk sum to sum_V S dS for the state S leaving the chunk and its gradient dS, which the dq / dk
+kernel forms per chunk (DECAY_GRAD_LATER), so only a chunk-long sum remains. The delta rule's decay gradient is
+formed inside the chunk kernel.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ DELTA_GRAD_BUFFERS = "input"
 # products keep 32. 16 lost on an H200 (8K, bf16): delta rule fwd + bwd 6.23 ms against 5.49, gated delta 7.66
 # against 6.91.
 DELTA_STATE_BWD_BV = 32
-# The decay gradient's suffix sums over each sequence: one Triton pass walking each sequence's chunks from the last
+# The decay gradient's suffix sums over each sequence (DECAY_GRAD_LATER = "suffix"): one Triton pass walking each sequence's chunks from the last
 # (True), or PyTorch's two-level reverse cumsum and the end term added after (False): at 8K GLA's backward on an
 # H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. The Triton pass took
 # GLA's fwd + bwd to 5.67 ms from 6.60 (8K, bf16); scalar decay was even (3.02 / 3.06 against 2.98 / 3.41).
@@ -62,6 +64,14 @@ DECAY_SUFFIX_KERNEL = True
 # buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). On an H200 (8K, bf16) "input" took scalar
 # decay's fwd + bwd to 2.98 ms from 3.41, GLA's to 5.52 from 5.67 (with the suffix kernel).
 STATE_GRAD_BUFFER = "input"
+# The additive rule's decay gradient, dg_t = sum_{u >= t} (q_u dq_u - k_u dk_u) + sum_V S_T dS_T: "suffix" sums every
+# later token's term along the sequence (a sequential pass per sequence for per-key decay); "state" sums only the
+# tokens of t's own chunk and takes the later chunks' share from the state leaving the chunk and its gradient
+# (sum_V S dS, formed in `dqk_kernel` from what it loads anyway), every chunk in parallel and without long sums whose
+# terms cancel. bf16 inputs against the float32 reference (2 x 256 tokens, K = V = 32, tf32 products): one fixed
+# decay per head 8.2e-2 and 1.6e-1 relative error with "suffix", 5.7e-3 and 1.4e-3 with "state"; scalar decay
+# 1.1e-2 / 6.9e-3 against 2.4e-3 / 2.0e-3; per-key 7.8e-3 / 9.9e-3 against 2.0e-3 / 2.3e-3 (two seeds).
+DECAY_GRAD_LATER = "state"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -155,8 +165,11 @@ def chunk_backward(
     dev = q.device
     dummy = q
     additive_decay = g is not None and not delta
+    if DECAY_GRAD_LATER not in ("suffix", "state"):
+        raise ValueError(f"backward.DECAY_GRAD_LATER is {DECAY_GRAD_LATER!r}; valid: 'suffix', 'state'")
+    from_states = additive_decay and DECAY_GRAD_LATER == "state"
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and dhT is not None,
+    p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and not from_states and dhT is not None,
                        state_dtype=state_dtype, X=saved if delta else None, states=states)  # fmt: skip
     A = saved if gk == 2 else None
     if gk == 2 and A is None:
@@ -215,11 +228,12 @@ def chunk_backward(
     NKq = triton.cdiv(K, BKq)
     dgx = f32(NKq, T, H) if gk == 1 else None
     dA = f32(T, H, chunk) if gk == 2 else None
+    later = f32(NT, H, K) if from_states and gk == 2 else None  # the later chunks' share, per key
     bwd_kernels.dqk_kernel[(NT, H, NKq)](
         q, k, v if p.vnew is None else p.vnew, dummy if p.G is None else p.G, p.h, dh, do, dummy if dU is None else dU,
         dq, dk, dummy if dw is None else dw, dummy if dgx is None else dgx, dummy if dA is None else dA,
         table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), 32), gk, delta,
-        dqk_dtc, num_warps=8, num_stages=1,
+        dqk_dtc, num_warps=8, num_stages=1, later=dummy if later is None else later, LATER=from_states,
     )  # fmt: skip
     if dgx is not None:
         dgx = dgx.sum(0) if NKq > 1 else dgx[0]
@@ -246,6 +260,14 @@ def chunk_backward(
             local_dtc, num_warps=launch.GLA_INTRA_BWD_WARPS,
         )  # fmt: skip
         dq, dk = dqo, dko
-    if additive_decay:
+    if from_states and gk == 2:  # each chunk's reverse cumsum plus the later chunks' share, in place
+        BD = min(BK, 32)
+        bwd_kernels.chunk_suffix_kernel[(triton.cdiv(K, BD), NT, H)](
+            dgx, later, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, BD
+        )  # fmt: skip
+        dg = dgx
+    elif from_states:  # the kernel wrote each key block's share of the decay gradient itself
+        dg = dgx
+    elif additive_decay:
         dg = additive_decay_grad(dgx, p.hT, dhT, gk == 2, table, dense_len, chunk)
     return dq, dk, dv, dg, dbeta, dh0

@@ -245,6 +245,8 @@ def dqk_kernel(
     GKIND: tl.constexpr,
     DELTA: tl.constexpr,
     DTC: tl.constexpr,
+    later=None,
+    LATER: tl.constexpr = False,
 ):
     """dq and dk of one chunk and head, given S_0 = hbuf[c] entering it and dS = dhbuf[c] leaving it; u is V
         (additive) or the pseudo-values U (delta). Grid (NT, H, cdiv(K, BK)): BK columns of dq and dk per program
@@ -254,7 +256,12 @@ def dqk_kernel(
         Scalar decay, additive rule: dgx = sum_K (q dq - k dk) per token (float32), for the decay-gradient identity.
         Delta rule: dk (the WY backward adds to it), dw = -dU S_0^T (both as dU), and with scalar decay dgx = the
         gradient w.r.t. the chunk-local cumsum G from the terms here (the WY backward adds its own and sums).
-        dgx is [cdiv(K, BK), n_tok, H]: each program writes its key block's share, summed afterwards."""
+        dgx is [cdiv(K, BK), n_tok, H]: each program writes its key block's share, summed afterwards.
+        LATER (additive rule with a decay): the later chunks' share of the decay gradient, sum_{u after the chunk}
+        (q_u dq_u - k_u dk_u) + sum_V S_T dS_T, is the state leaving the chunk times its gradient summed over V,
+        e^{G_C} sum_V (S_0 * dS) + sum_t k_t dk_t(inter-chunk part) per key: per-key decay stores it to
+        later [NT, H, K] (for `chunk_suffix_kernel`); scalar decay adds it to the chunk's own reverse cumsum and
+        dgx holds the decay gradient itself (each key block's share)."""
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(chunk_tok + i_c)
     eos = tl.load(chunk_eos + i_c)
@@ -275,6 +282,9 @@ def dqk_kernel(
         dw_acc = tl.zeros([BT, BK], dtype=tl.float32)
     if DELTA and GKIND == 1:
         ds_s0 = tl.zeros([BV], dtype=tl.float32)
+    STATE_TERM: tl.constexpr = LATER and not DELTA and GKIND > 0
+    if STATE_TERM:
+        s_ds = tl.zeros([BK], dtype=tl.float32)  # sum_V S_0 * dS per key
     for i_v in range(0, tl.cdiv(V, BV)):
         rv = i_v * BV + tl.arange(0, BV)
         mv = rv < V
@@ -295,6 +305,8 @@ def dqk_kernel(
             dw_acc -= mm(du, s0T, DTC)
             if GKIND == 1:
                 ds_s0 += tl.sum(s0T.to(tl.float32) * dsT, axis=1)
+        if STATE_TERM:
+            s_ds += tl.sum(s0T.to(tl.float32) * dsT.to(tl.float32), axis=0)
     # decay factors: eq = e^G (for Q), ek = e^{G_C - G} (for K), gam = Gamma
     if GKIND == 1:
         gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
@@ -312,9 +324,14 @@ def dqk_kernel(
     dq_in = dq_acc * (scale * eq)
     dk_st = dk_acc * ek
     dp = tl.where(causal, dp, 0.0)
+    if STATE_TERM:  # the later chunks' share, per key
+        kl = tl.load(k + off_tk, mask=m_tk, other=0.0).to(tl.float32)
+        later_k = tl.sum(kl * dk_st, axis=0) + tl.exp(gl) * s_ds
     if GKIND == 2:
         tl.store(dq + off_tk, dq_in.to(dq.dtype.element_ty), mask=m_tk)
         tl.store(dk + off_tk, dk_st.to(dk.dtype.element_ty), mask=m_tk)
+        if STATE_TERM:
+            tl.store(later + (i_c * H + i_h).to(tl.int64) * K + rk, later_k, mask=mk)
         if i_k == 0:
             tl.store(dA + (rt.to(tl.int64)[:, None] * H + i_h) * BT + rb[None, :], dp * scale, mask=mt[:, None])
     else:
@@ -350,6 +367,9 @@ def dqk_kernel(
                 dGl = tl.sum(dkst_k, axis=0) + tl.exp(gl) * tl.sum(ds_s0, axis=0)
                 dG += tl.where(rt == t_last, dGl, 0.0)
                 tl.store(dgx + off_gx, tl.where(mt, dG, 0.0), mask=mt)
+            elif STATE_TERM:
+                x = tl.sum(qf * dqq - kf * dkk, axis=1)
+                tl.store(dgx + off_gx, chunk_reverse_cumsum(x) + tl.sum(later_k, axis=0), mask=mt)
             else:
                 tl.store(dgx + off_gx, tl.sum(qf * dqq - kf * dkk, axis=1), mask=mt)
         tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
@@ -587,6 +607,31 @@ def _gla_intra_bwd_by_columns(q, k, G, dA, gi, t0, eos, i, i_h, ri, mi, rc, rb, 
 
 
 @triton.jit
+def chunk_reverse_cumsum(x):
+    """sum_{u >= t} x[u] along dim 0 of a chunk's tile."""
+    return tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x
+
+
+@triton.jit
+def chunk_suffix_kernel(x, later, out, chunk_tok, chunk_eos, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                        BD: tl.constexpr):  # fmt: skip
+    """out[t] = later[c] + sum_{u >= t in chunk c} x[u] for x, out [T, H, D] float32 (out may be x) and later
+    [NT, H, D]: the decay gradient with the later chunks' share taken from the states (see `dqk_kernel`'s
+    LATER). Every chunk at once. Grid (cdiv(D, BD), NT, H)."""
+    i_d, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunk_tok + i_c)
+    eos = tl.load(chunk_eos + i_c)
+    rt = t0 + tl.arange(0, BT)
+    rd = i_d * BD + tl.arange(0, BD)
+    md = rd < D
+    m = (rt < eos)[:, None] & md[None, :]
+    off = (rt.to(tl.int64)[:, None] * H + i_h) * D + rd[None, :]
+    xt = tl.load(x + off, mask=m, other=0.0)
+    carry = tl.load(later + (i_c * H + i_h).to(tl.int64) * D + rd, mask=md, other=0.0)
+    tl.store(out + off, chunk_reverse_cumsum(xt) + carry[None, :], mask=m)
+
+
+@triton.jit
 def suffix_sum_kernel(x, carry0, out, cu, seq_chunk, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                       BD: tl.constexpr, HAS_CARRY: tl.constexpr):  # fmt: skip
     """out[t] = carry0[n] + sum_{u >= t in t's sequence n} x[u] for x, out [T, H, D] float32 and carry0 [N, H, D]:
@@ -606,6 +651,5 @@ def suffix_sum_kernel(x, carry0, out, cu, seq_chunk, H: tl.constexpr, D: tl.cons
         m = (rt < eos)[:, None] & md[None, :]
         off = (rt.to(tl.int64)[:, None] * H + i_h) * D + rd[None, :]
         xt = tl.load(x + off, mask=m, other=0.0)
-        total = tl.sum(xt, axis=0)
-        tl.store(out + off, total[None, :] - tl.cumsum(xt, axis=0) + xt + carry[None, :], mask=m)
-        carry += total
+        tl.store(out + off, chunk_reverse_cumsum(xt) + carry[None, :], mask=m)
+        carry += tl.sum(xt, axis=0)
