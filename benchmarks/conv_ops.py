@@ -5,8 +5,10 @@ SiLU (PyTorch: transposes, a zero tail, F.conv1d) and of the Triton kernels (the
 gradient, then a dx pass). Prints milliseconds and the GB/s of the minimum traffic (forward: read x, write y;
 backward: read x and dy, write dx), and the largest relative difference of every result (output and the three
 gradients) from the float32 PyTorch form. On the CPU it is a smoke run of every path under TRITON_INTERPRET=1 at a small shape.
+--tiles times the kernels at other tiles (tokens x channels per program, powers of two from 16 to 256) in the same
+run, one row each: the kernels' launch settings `BT` and `BC` in effarch.ops.conv.kernels.
 Usage: python benchmarks/conv_ops.py [--shapes 4x8192x2048,4x8192x1024] [--width 4] [--device cuda|cpu]
-       [--json PATH] [--write]
+       [--tiles 64x64,32x128,...] [--json PATH] [--write]
 """
 
 from __future__ import annotations
@@ -46,7 +48,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
-def measure(B: int, T: int, C: int, W: int, device: torch.device) -> dict:
+def parse_tiles(text: str) -> list[tuple[int, int]]:
+    """'64x64,32x128' -> [(64, 64), (32, 128)]; each a power of two from 16 to 256, or one clear sentence."""
+    tiles = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        parts = item.lower().split("x")
+        ok = len(parts) == 2 and all(q.isdigit() and int(q) in (16, 32, 64, 128, 256) for q in parts)
+        if not ok:
+            raise ValueError(f"--tiles {text!r}: each tile is TOKENSxCHANNELS, powers of two from 16 to 256 (64x64)")
+        tiles.append((int(parts[0]), int(parts[1])))
+    if not tiles:
+        raise ValueError(f"--tiles {text!r}: give at least one tile, e.g. 64x64")
+    return tiles
+
+
+def measure(B: int, T: int, C: int, W: int, device: torch.device, tiles=((64, 64),)) -> list[dict]:
+    """One row per tile: the PyTorch form (timed once) beside the kernels at that tile."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(B, T, C, generator=g).to(device, dtype)
@@ -70,30 +87,42 @@ def measure(B: int, T: int, C: int, W: int, device: torch.device) -> dict:
     def kernel_form(xx, ww, bb):
         return K.conv_fwd_op(xx, ww, bb, None, True)
 
-    row = {"B": B, "T": T, "C": C, "W": W, "dtype": str(dtype).replace("torch.", "")}
-    gb = x.numel() * x.element_size() / 1e9
-    for name, fn in (("pytorch", torch_form), ("triton", kernel_form)):
+    def timed(name, fn, row):
         out = grads(fn)
         row[f"{name}_err"] = max(rel(o, r) for o, r in zip(out, truth, strict=True))
         leaves = tuple(t.clone().requires_grad_() for t in (x, w, b))
         with torch.no_grad():
-            row[f"{name}_fwd_ms"] = median_ms(lambda fn=fn: fn(x, w, b), device)
-        row[f"{name}_fwdbwd_ms"] = median_ms(lambda fn=fn, p=leaves: torch.autograd.grad(fn(*p), p, dy), device)
-    row["triton_bwd_ms"] = row["triton_fwdbwd_ms"] - row["triton_fwd_ms"]  # backward alone
-    row["bwd_gbs"] = 3 * gb / row["triton_bwd_ms"] * 1e3
-    row["fwd_gbs"] = 2 * gb / row["triton_fwd_ms"] * 1e3
-    return row
+            row[f"{name}_fwd_ms"] = median_ms(lambda: fn(x, w, b), device)
+        row[f"{name}_fwdbwd_ms"] = median_ms(lambda: torch.autograd.grad(fn(*leaves), leaves, dy), device)
+
+    base = {"B": B, "T": T, "C": C, "W": W, "dtype": str(dtype).replace("torch.", "")}
+    timed("pytorch", torch_form, base)
+    gb = x.numel() * x.element_size() / 1e9
+    rows = []
+    shipped = (K.BT, K.BC)
+    try:
+        for bt, bc in tiles:
+            K.BT, K.BC = bt, bc
+            row = {**base, "tile": f"{bt}x{bc}"}
+            timed("triton", kernel_form, row)
+            row["triton_bwd_ms"] = row["triton_fwdbwd_ms"] - row["triton_fwd_ms"]  # backward alone
+            row["bwd_gbs"] = 3 * gb / row["triton_bwd_ms"] * 1e3
+            row["fwd_gbs"] = 2 * gb / row["triton_fwd_ms"] * 1e3
+            rows.append(row)
+    finally:
+        K.BT, K.BC = shipped
+    return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| B x T x C | PyTorch fwd / fwd+bwd ms | Triton fwd / fwd+bwd ms | Triton fwd / bwd GB/s "
+        "| B x T x C | tile | PyTorch fwd / fwd+bwd ms | Triton fwd / fwd+bwd ms | Triton fwd / bwd GB/s "
         "| max rel. diff PyTorch / Triton |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['B']} x {r['T']} x {r['C']} | {r['pytorch_fwd_ms']:.3f} / {r['pytorch_fwdbwd_ms']:.3f} "
+            f"| {r['B']} x {r['T']} x {r['C']} | {r['tile']} | {r['pytorch_fwd_ms']:.3f} / {r['pytorch_fwdbwd_ms']:.3f} "
             f"| {r['triton_fwd_ms']:.3f} / {r['triton_fwdbwd_ms']:.3f} | {r['fwd_gbs']:.0f} / {r['bwd_gbs']:.0f} "
             f"| {r['pytorch_err']:.1e} / {r['triton_err']:.1e} |"
         )
@@ -105,9 +134,14 @@ def main() -> None:
     p.add_argument("--shapes", default="4x8192x2048,4x8192x1024,1x32768x4096")
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    p.add_argument("--tiles", default=None, help="tokens x channels per program to time, e.g. 64x64,32x128")
     p.add_argument("--json", default=None)
     p.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = p.parse_args()
+    try:
+        tiles = parse_tiles(args.tiles) if args.tiles else [(K.BT, K.BC)]
+    except ValueError as e:
+        p.error(str(e))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
     if args.device == "auto" and not torch.cuda.is_available():
         device = torch.device("cpu")
@@ -115,8 +149,9 @@ def main() -> None:
         raise SystemExit(f"--width {args.width}: the kernels take widths 1 to {K.MAX_WIDTH}")
     rows = []
     for B, T, C in parse_shapes(args.shapes, fields="BATCHxTOKENSxCHANNELS", example="4x8192x2048"):
-        rows.append(measure(B, T, C, args.width, device))
-        print(json.dumps(rows[-1]), flush=True)
+        for row in measure(B, T, C, args.width, device, tiles):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     body = table(rows)
     print(body)
     if args.json:

@@ -76,6 +76,7 @@ def test_generate_throughput_script(tmp_path):
         ("scan_ops", ["--T", "64,x"], "must be comma-separated integers"),
         ("ttt_prefill", ["--shapes", "1x40,banana"], "list of BATCHxTOKENS (positive"),
         ("conv_ops", ["--shapes", "2x40"], "list of BATCHxTOKENSxCHANNELS"),
+        ("conv_ops", ["--tiles", "64x48"], "powers of two from 16 to 256"),
     ],
 )
 def test_bad_options(tmp_path, script, args, message):
@@ -170,13 +171,15 @@ def test_conv_ops_script(tmp_path):
     before = _digest(RESULTS)
     r = subprocess.run(
         [sys.executable, str(BENCH / "conv_ops.py"), "--device", "cpu", "--shapes", "2x40x24,1x70x8", "--json", str(out),
-         "--write"],
+         "--write", "--tiles", "64x64,16x32"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _digest(RESULTS) == before
     rows = json.loads(out.read_text())["rows"]
-    assert [(x["B"], x["T"], x["C"]) for x in rows] == [(2, 40, 24), (1, 70, 8)]
+    assert [(x["B"], x["T"], x["C"], x["tile"]) for x in rows] == [
+        (2, 40, 24, "64x64"), (2, 40, 24, "16x32"), (1, 70, 8, "64x64"), (1, 70, 8, "16x32")
+    ]  # fmt: skip
     assert all(x["triton_err"] < 1e-5 and x["triton_fwd_ms"] > 0 and x["triton_fwdbwd_ms"] > 0 for x in rows)
 
 

@@ -70,6 +70,23 @@ def test_dense_batch_matches_pytorch(W, bias, act):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
+@pytest.mark.parametrize("tile", [(16, 16), (32, 128)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_other_tiles_give_the_same_results(tile, packed, monkeypatch):
+    """The launch settings BT x BC (tokens x channels per program, timed by benchmarks/conv_ops.py --tiles): at
+    16 x 16 (sequences and the weight gradient over many token blocks) and 32 x 128 (channels in one partial
+    block) the kernels equal the PyTorch form, dense and packed."""
+    monkeypatch.setattr(kernels, "BT", tile[0])
+    monkeypatch.setattr(kernels, "BC", tile[1])
+    cu = torch.tensor([0, 2, 50, 51, 90], device=DEV) if packed else None
+    x, w, b = make(1 if packed else 2, 90 if packed else 70, 40, 4, True, seed=4)
+    ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x, w, b)
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_sequences_do_not_see_each_other(bias):
     cu = torch.tensor([0, 2, 50, 51, 90], device=DEV)  # a 1-token document and one shorter than the width
@@ -147,7 +164,11 @@ def test_layer_uses_the_kernel_only_when_switched_on(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("packed", [False, True])
-def test_cuda_bf16_matches_float32(packed):
+@pytest.mark.parametrize("tile", [(64, 64), (32, 128), (64, 128), (128, 64), (32, 256)])
+def test_cuda_bf16_matches_float32(packed, tile, monkeypatch):
+    """bf16 against the float32 PyTorch form, at the shipped tile and those conv_ops.py --tiles times."""
+    monkeypatch.setattr(kernels, "BT", tile[0])
+    monkeypatch.setattr(kernels, "BC", tile[1])
     x, w, b = make(1 if packed else 4, 2000, 768, 4, True, dtype=torch.bfloat16, seed=5)
     cu = torch.tensor([0, 700, 701, 2000], device=DEV) if packed else None
     ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
