@@ -54,8 +54,9 @@ DELTA_GRAD_BUFFERS = "input"
 # products keep 32. 16 lost on an H200 (8K, bf16): delta rule fwd + bwd 6.23 ms against 5.49, gated delta 7.66
 # against 6.91.
 DELTA_STATE_BWD_BV = 32
-# The decay gradient's suffix sums over each sequence (DECAY_GRAD_LATER = "suffix"): one Triton pass walking each sequence's chunks from the last
-# (True), or PyTorch's two-level reverse cumsum and the end term added after (False): at 8K GLA's backward on an
+# The decay gradient's suffix sums over each sequence (with DECAY_GRAD_LATER = "suffix"): one Triton pass walking
+# each sequence's chunks from the last (True), or PyTorch's two-level reverse cumsum and the end term added after
+# (False): at 8K GLA's backward on an
 # H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. The Triton pass took
 # GLA's fwd + bwd to 5.67 ms from 6.60 (8K, bf16); scalar decay was even (3.02 / 3.06 against 2.98 / 3.41).
 DECAY_SUFFIX_KERNEL = True
@@ -260,13 +261,12 @@ def chunk_backward(
             local_dtc, num_warps=launch.GLA_INTRA_BWD_WARPS,
         )  # fmt: skip
         dq, dk = dqo, dko
-    if from_states and gk == 2:  # each chunk's reverse cumsum plus the later chunks' share, in place
-        BD = min(BK, 32)
-        bwd_kernels.chunk_suffix_kernel[(triton.cdiv(K, BD), NT, H)](
-            dgx, later, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, BD
-        )  # fmt: skip
-        dg = dgx
-    elif from_states:  # the kernel wrote each key block's share of the decay gradient itself
+    if from_states:  # scalar decay: dq / dk's kernel wrote the decay gradient itself
+        if gk == 2:  # each chunk's reverse cumsum plus the later chunks' share, in place
+            BD = min(BK, 32)
+            bwd_kernels.chunk_suffix_kernel[(triton.cdiv(K, BD), NT, H)](
+                dgx, later, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, BD
+            )  # fmt: skip
         dg = dgx
     elif additive_decay:
         dg = additive_decay_grad(dgx, p.hT, dhT, gk == 2, table, dense_len, chunk)
