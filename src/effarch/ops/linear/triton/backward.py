@@ -38,7 +38,11 @@ from effarch.ops.linear.triton.layout import ChunkTable
 # since kept every key row and 32+ value columns per program (launch.state_blocks): with bf16 products it passes
 # the CUDA tests and took 4.97 ms of fwd + bwd against 5.49 with tf32 (gated delta 6.06 against 6.91; H200, 8K).
 STATE_BWD_DOTS = "input"
-DECAY_GRAD_DOTS = "tf32"
+# The additive rule's backward products when it has a decay: "tf32", "input", or "auto": the input dtype where the
+# decay gradient's later share comes from the states (DECAY_GRAD_LATER), whose chunk-long sums hold bf16 rounding
+# (H200, 8K, bf16: decay gradient 2.9e-3 relative error for scalar and per-key decay), tf32 with the
+# sequence-long suffix sums. Scalar decay's fwd + bwd took 2.19 ms with "input" against 3.69 with tf32 there.
+DECAY_GRAD_DOTS = "auto"
 # The delta rule's dq / dk / dW kernel: with products in the input dtype it must hold all K keys per program (blocks
 # of 64 gave wrong dk in bf16 on an H200, see dqk_kernel's launch), and its sm_90 build then spills 1.5 KB per thread
 # at K = V = 128; with tf32 products it runs in blocks of 64 keys. "input" until measured side by side.
@@ -71,8 +75,10 @@ STATE_GRAD_BUFFER = "input"
 # (sum_V S dS, formed in `dqk_kernel` from what it loads anyway), every chunk in parallel and without long sums whose
 # terms cancel. bf16 inputs against the float32 reference (2 x 256 tokens, K = V = 32, tf32 products): one fixed
 # decay per head 8.2e-2 and 1.6e-1 relative error with "suffix", 5.7e-3 and 1.4e-3 with "state"; scalar decay
-# 1.1e-2 / 6.9e-3 against 2.4e-3 / 2.0e-3; per-key 7.8e-3 / 9.9e-3 against 2.0e-3 / 2.3e-3 (two seeds).
-DECAY_GRAD_LATER = "state"
+# 1.1e-2 / 6.9e-3 against 2.4e-3 / 2.0e-3; per-key 7.8e-3 / 9.9e-3 against 2.0e-3 / 2.3e-3 (two seeds). "auto":
+# "state" for scalar decay, "suffix" per key. On an H200 (8K, bf16, fwd + bwd ms) scalar decay took 2.19 with the
+# state form and input products against 3.01 with suffix sums and tf32; GLA took 5.82 and 6.12 (tf32) against 5.49.
+DECAY_GRAD_LATER = "auto"
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -137,6 +143,17 @@ def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len:
     return dg
 
 
+def decay_grad_forms(gk: int) -> tuple[bool, str]:
+    """(whether the additive rule's decay gradient takes its later share from the states, "tf32" or "input" for
+    its backward products) for decay kind gk (1 scalar, 2 per key) under DECAY_GRAD_LATER and DECAY_GRAD_DOTS."""
+    later = launch.setting("backward", "DECAY_GRAD_LATER", DECAY_GRAD_LATER, ("auto", "suffix", "state"))
+    dots = launch.setting("backward", "DECAY_GRAD_DOTS", DECAY_GRAD_DOTS, ("auto", "tf32", "input"))
+    from_states = later == "state" or (later == "auto" and gk == 1)
+    if dots == "auto":
+        dots = "input" if from_states else "tf32"
+    return from_states, dots
+
+
 def chunk_backward(
     do: torch.Tensor,
     dhT: torch.Tensor | None,
@@ -166,9 +183,8 @@ def chunk_backward(
     dev = q.device
     dummy = q
     additive_decay = g is not None and not delta
-    if DECAY_GRAD_LATER not in ("suffix", "state"):
-        raise ValueError(f"backward.DECAY_GRAD_LATER is {DECAY_GRAD_LATER!r}; valid: 'suffix', 'state'")
-    from_states = additive_decay and DECAY_GRAD_LATER == "state"
+    from_states, decay_dots = decay_grad_forms(gk)
+    from_states = from_states and additive_decay
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     p = forward_pieces(q, k, v, g, beta, h0, table, chunk, delta=delta, store_final=additive_decay and not from_states and dhT is not None,
                        state_dtype=state_dtype, X=saved if delta else None, states=states)  # fmt: skip
@@ -176,10 +192,8 @@ def chunk_backward(
     if gk == 2 and A is None:
         A = launch.gla_scores(q, k, p.G, table, chunk)
     half = q.dtype != torch.float32
-    state_dtc = (
-        4 if (half and (delta and STATE_BWD_DOTS == "tf32" or additive_decay and DECAY_GRAD_DOTS == "tf32")) else dtc
-    )
-    local_dtc = 4 if (half and additive_decay and DECAY_GRAD_DOTS == "tf32") else dtc
+    state_dtc = 4 if (half and (delta and STATE_BWD_DOTS == "tf32" or additive_decay and decay_dots == "tf32")) else dtc
+    local_dtc = 4 if (half and additive_decay and decay_dots == "tf32") else dtc
 
     def dv_local(out, dh, add_state, dots):
         BVl = min(_pow2(V), 64)

@@ -100,13 +100,23 @@ def chunk_cumsum_kernel(
 
 
 @triton.jit
-def unit_lower_inverse(a, rc, BC: tl.constexpr):
-    """(I + a)^{-1} of a strictly lower-triangular [BC, BC] float32 block, by forward substitution: row r is
-    e_r - a[r, :] X."""
+def unit_lower_inverse(a, rc, BC: tl.constexpr, DOUBLING: tl.constexpr = False):
+    """(I + a)^{-1} of a strictly lower-triangular [BC, BC] float32 block. By forward substitution, row r being
+    e_r - a[r, :] X (BC - 1 steps, each two reductions across the block); or, with DOUBLING, from the inverses
+    X_s of the diagonal blocks of s rows to those of 2s rows, s = 1, 2, 4, ...: with M the block below the
+    diagonal inside each 2s block, X_2s = X_s - X_s M X_s ([[X1, 0], [-X2 M X1, X2]] per block), log2(BC) steps
+    of two small float32 products."""
     x = (rc[:, None] == rc[None, :]).to(tl.float32)
-    for r in range(1, BC):
-        a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of a, indexed by column
-        x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
+    if DOUBLING:
+        for lvl in tl.static_range(8):
+            if (1 << lvl) < BC:
+                inside = (rc[:, None] >> (lvl + 1)) == (rc[None, :] >> (lvl + 1))
+                m = tl.where(inside & ((rc[:, None] >> lvl) != (rc[None, :] >> lvl)), a, 0.0)
+                x = x - ieee(x, ieee(m, x))
+    else:
+        for r in range(1, BC):
+            a_r = tl.sum(tl.where(rc[:, None] == r, a, 0.0), axis=0)  # row r of a, indexed by column
+            x = tl.where(rc[:, None] == r, x - tl.sum(a_r[:, None] * x, axis=0)[None, :], x)
     return x
 
 
@@ -167,6 +177,7 @@ def delta_prep_kernel(
     HAVE_X: tl.constexpr,
     DTC: tl.constexpr,
     IN_REGS: tl.constexpr = False,
+    DOUBLING: tl.constexpr = False,
 ):
     """X = (I + A)^{-1} [T, H, BT] (row t holds its chunk's row, float32; blocks above the diagonal are not
     written), W = X diag(b e^G) K [T, H, K] and U~ = X diag(b) V [T, H, V]. Grid (NT, H). With HAVE_X, X is read
@@ -191,10 +202,10 @@ def delta_prep_kernel(
         k1, b1, g1, r1, m1 = key_block(k, beta, G, t0, eos, 1, i_h, rc, rk, mk, H, K, BC, HAS_G)
         k2, b2, g2, r2, m2 = key_block(k, beta, G, t0, eos, 2, i_h, rc, rk, mk, H, K, BC, HAS_G)
         k3, b3, g3, r3, m3 = key_block(k, beta, G, t0, eos, 3, i_h, rc, rk, mk, H, K, BC, HAS_G)
-        x00 = unit_lower_inverse(kkt_block(k0, k0, b0, g0, g0, strict, True, HAS_G, DTC), rc, BC)
-        x11 = unit_lower_inverse(kkt_block(k1, k1, b1, g1, g1, strict, True, HAS_G, DTC), rc, BC)
-        x22 = unit_lower_inverse(kkt_block(k2, k2, b2, g2, g2, strict, True, HAS_G, DTC), rc, BC)
-        x33 = unit_lower_inverse(kkt_block(k3, k3, b3, g3, g3, strict, True, HAS_G, DTC), rc, BC)
+        x00 = unit_lower_inverse(kkt_block(k0, k0, b0, g0, g0, strict, True, HAS_G, DTC), rc, BC, DOUBLING)
+        x11 = unit_lower_inverse(kkt_block(k1, k1, b1, g1, g1, strict, True, HAS_G, DTC), rc, BC, DOUBLING)
+        x22 = unit_lower_inverse(kkt_block(k2, k2, b2, g2, g2, strict, True, HAS_G, DTC), rc, BC, DOUBLING)
+        x33 = unit_lower_inverse(kkt_block(k3, k3, b3, g3, g3, strict, True, HAS_G, DTC), rc, BC, DOUBLING)
         a10 = kkt_block(k1, k0, b1, g1, g0, strict, False, HAS_G, DTC)
         a21 = kkt_block(k2, k1, b2, g2, g1, strict, False, HAS_G, DTC)
         a32 = kkt_block(k3, k2, b3, g3, g2, strict, False, HAS_G, DTC)
@@ -226,7 +237,7 @@ def delta_prep_kernel(
         # Diagonal blocks: X_ii = (I + A_ii)^{-1} by forward substitution.
         for i in tl.static_range(NB):
             ki, bi, gi, ri, mi = key_block(k, beta, G, t0, eos, i, i_h, rc, rk, mk, H, K, BC, HAS_G)
-            x = unit_lower_inverse(kkt_block(ki, ki, bi, gi, gi, strict, True, HAS_G, DTC), rc, BC)
+            x = unit_lower_inverse(kkt_block(ki, ki, bi, gi, gi, strict, True, HAS_G, DTC), rc, BC, DOUBLING)
             tl.store(X + (ri.to(tl.int64)[:, None] * H + i_h) * BT + i * BC + rc[None, :], x, mask=mi[:, None])
         tl.debug_barrier()
         # Off-diagonal blocks, one block row at a time (rows m < i are final in memory before row i reads them).

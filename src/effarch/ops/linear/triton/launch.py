@@ -128,6 +128,12 @@ DELTA_PREP_WARPS = 4
 # (8K, bf16, with bf16 reverse-pass products) the delta rule's fwd + bwd took 4.92 ms against 4.97, gated delta 5.98
 # against 6.06, the forwards 1.53 / 1.78 against 1.58 / 1.87.
 DELTA_PREP_IN_REGS = True
+# The inverse of each 16 x 16 diagonal block of I + A: "substitution" (15 sequential row steps, each two reductions
+# across the block) or "doubling" (4 steps of two 16 x 16 float32 products, fwd_kernels.unit_lower_inverse). On an
+# H200 (8K, bf16, 4 warps) doubling took the delta rule's forward to 1.23 ms from 1.53 (fwd + bwd 4.07 from 4.37),
+# gated delta's to 1.45 from 1.78 (5.05 from 5.38); with 8 warps both forms were slower. Its sm_90 build spills
+# 456 B per thread against 84 (gated: 636 against 180) and is still the faster.
+DELTA_INVERSE = "doubling"
 DV_LOCAL_WARPS = 4
 OUT_FWD_WARPS = 4
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
@@ -148,15 +154,24 @@ SCAN_PROGRAMS = 1024  # a two-phase additive pass cuts the state into blocks unt
 SAVE_STATES = os.environ.get("EFFARCH_KEEP_STATES", "1") != "0"
 
 
+def setting(where: str, name: str, value: str, valid: tuple[str, ...]) -> str:
+    """`value` of the module setting `where`.`name`, refused in one sentence unless it is one of `valid`."""
+    if value not in valid:
+        raise ValueError(f"{where}.{name} is {value!r}; valid: {', '.join(map(repr, valid))}")
+    return value
+
+
 def two_phase_pass(gk: int, n_sequences: int, n_chunks: int, delta: bool = False) -> bool:
     """Whether the state passes take two phases (see STATE_PASS) for decay kind `gk` (0 none, 1 scalar, 2 per
     key) of the additive rule, or of the delta rule when `delta`, over `n_chunks` chunks of `n_sequences`
     sequences."""
-    if STATE_PASS not in ("auto", "fused", "two_phase"):
-        raise ValueError(f"launch.STATE_PASS is {STATE_PASS!r}; valid: 'auto', 'fused', 'two_phase'")
-    if STATE_PASS != "auto":
+    if setting("launch", "STATE_PASS", STATE_PASS, ("auto", "fused", "two_phase")) != "auto":
         return STATE_PASS == "two_phase"
     return gk == 2 or (gk == 1 or delta) and n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
+
+
+def inverse_by_doubling() -> bool:
+    return setting("launch", "DELTA_INVERSE", DELTA_INVERSE, ("substitution", "doubling")) == "doubling"
 
 
 def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
@@ -257,7 +272,8 @@ def forward_pieces(
         fwd_kernels.delta_prep_kernel[(NT, H)](
             k, v, beta, q if G is None else G, X, W, U, table.chunk_tok, table.chunk_eos,
             H, K, V, chunk, SUBBLOCK, BK, min(_pow2(V), 64), G is not None, have_x, dtc,
-            DELTA_PREP_IN_REGS and chunk == 4 * SUBBLOCK, num_warps=DELTA_PREP_WARPS,
+            DELTA_PREP_IN_REGS and chunk == 4 * SUBBLOCK, inverse_by_doubling(),
+            num_warps=DELTA_PREP_WARPS,
         )  # fmt: skip
         vnew = _empty_like(v)
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
