@@ -14,13 +14,12 @@ Usage: python benchmarks/conv_ops.py [--shapes 4x8192x2048,4x8192x1024] [--width
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from results import append_section, environment, parse_shapes
+from results import measure_and_report, parse_shapes, pick_device
 
 import effarch.ops.conv.kernels as K
 from effarch.layers.conv import short_conv
@@ -142,23 +141,14 @@ def main() -> None:
         tiles = parse_tiles(args.tiles) if args.tiles else [(K.BT, K.BC)]
     except ValueError as e:
         p.error(str(e))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if args.device == "auto" and not torch.cuda.is_available():
-        device = torch.device("cpu")
+    device = pick_device(args.device)
     if not 1 <= args.width <= K.MAX_WIDTH:
         raise SystemExit(f"--width {args.width}: the kernels take widths 1 to {K.MAX_WIDTH}")
-    rows = []
-    for B, T, C in parse_shapes(args.shapes, fields="BATCHxTOKENSxCHANNELS", example="4x8192x2048"):
-        for row in measure(B, T, C, args.width, device, tiles):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    body = table(rows)
-    print(body)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
-    if args.write and device.type == "cuda":
-        append_section("Short convolution + SiLU: Triton kernels against the PyTorch form", body)
+    shapes = parse_shapes(args.shapes, fields="BATCHxTOKENSxCHANNELS", example="4x8192x2048")
+    measure_and_report(
+        shapes, lambda B, T, C: measure(B, T, C, args.width, device, tiles), table, args, device,
+        "Short convolution + SiLU: Triton kernels against the PyTorch form",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

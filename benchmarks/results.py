@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+
 from effarch.benchmarking import append_results, environment
+from effarch.utils import atomic_write_text
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -30,3 +35,29 @@ def append_section(title: str, body: str) -> None:
 
 
 __all__ = ["RESULTS", "append_section", "environment", "parse_shapes"]
+
+
+def pick_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when present, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def measure_and_report(shapes: Iterable[tuple], measure: Callable[..., list[dict]], table: Callable[[list[dict]], str],
+                       args, device: torch.device, title: str) -> list[dict]:  # fmt: skip
+    """Rows of measure(*shape) for each shape, each printed as JSON when measured; then the table printed, the
+    raw rows written to --json (atomically, with the environment), and with --write on a GPU the table appended to
+    RESULTS.md under `title`."""
+    rows = []
+    for shape in shapes:
+        for row in measure(*shape):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    body = table(rows)
+    print(body)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"environment": environment(), "rows": rows}, indent=1))
+    if args.write and device.type == "cuda":
+        append_section(title, body)
+    return rows

@@ -77,6 +77,8 @@ def test_generate_throughput_script(tmp_path):
         ("ttt_prefill", ["--shapes", "1x40,banana"], "list of BATCHxTOKENS (positive"),
         ("conv_ops", ["--shapes", "2x40"], "list of BATCHxTOKENSxCHANNELS"),
         ("conv_ops", ["--tiles", "64x48"], "powers of two from 16 to 256"),
+        ("ce_ops", ["--shapes", "64x16"], "list of TOKENSxDIMxVOCAB"),
+        ("ce_ops", ["--chunk", "0"], "give a positive number of tokens"),
     ],
 )
 def test_bad_options(tmp_path, script, args, message):
@@ -162,6 +164,23 @@ def test_ttt_prefill_script(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(x["batch"], x["tokens"]) for x in rows] == [(1, 40), (2, 16)]
     assert all(x["kernel_calls"] > 0 and x["loop_ms"] > 0 and x["kernel_ms"] > 0 and x["rel_diff"] < 1e-5 for x in rows)
+
+
+def test_ce_ops_script(tmp_path):
+    """Every form of the head's loss at a small shape (the Triton rows under the interpreter) matches the float32
+    full-logits reference; nothing is written to RESULTS.md without a GPU even with --write."""
+    out = tmp_path / "ce.json"
+    before = _digest(RESULTS)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "ce_ops.py"), "--device", "cpu", "--shapes", "40x16x100", "--chunk", "16",
+         "--json", str(out), "--write"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _digest(RESULTS) == before
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["form"] for x in rows] == ["full logits (F.cross_entropy)", "chunked, PyTorch", "chunked, Triton rows"]
+    assert all(x["max_rel_err"] < 1e-5 and x["fwdbwd_ms"] > 0 for x in rows)
 
 
 def test_conv_ops_script(tmp_path):
