@@ -77,6 +77,8 @@ def test_generate_throughput_script(tmp_path):
         ("ttt_prefill", ["--shapes", "1x40,banana"], "list of BATCHxTOKENS (positive"),
         ("conv_ops", ["--shapes", "2x40"], "list of BATCHxTOKENSxCHANNELS"),
         ("conv_ops", ["--tiles", "64x48"], "powers of two from 16 to 256"),
+        ("conv_ops", ["--dz", "32x64"], "each is TOKENSxCHANNELSxWARPS"),
+        ("conv_ops", ["--dz", "32x64x3"], "warps 1, 2, 4, 8 or 16"),
         ("ce_ops", ["--shapes", "64x16"], "list of TOKENSxDIMxVOCAB"),
         ("ce_ops", ["--chunk", "0"], "give a positive number of tokens"),
     ],
@@ -190,14 +192,16 @@ def test_conv_ops_script(tmp_path):
     before = _digest(RESULTS)
     r = subprocess.run(
         [sys.executable, str(BENCH / "conv_ops.py"), "--device", "cpu", "--shapes", "2x40x24,1x70x8", "--json", str(out),
-         "--write", "--tiles", "64x64,16x32"],
+         "--write", "--tiles", "64x64,16x32", "--dz", "16x16x1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _digest(RESULTS) == before
     rows = json.loads(out.read_text())["rows"]
+    dz = "64x64, dz 16x16 1 warps"
     assert [(x["B"], x["T"], x["C"], x["tile"]) for x in rows] == [
-        (2, 40, 24, "64x64"), (2, 40, 24, "16x32"), (1, 70, 8, "64x64"), (1, 70, 8, "16x32")
+        (2, 40, 24, "64x64"), (2, 40, 24, "16x32"), (2, 40, 24, dz), (1, 70, 8, "64x64"), (1, 70, 8, "16x32"),
+        (1, 70, 8, dz),
     ]  # fmt: skip
     assert all(x["triton_err"] < 1e-5 and x["triton_fwd_ms"] > 0 and x["triton_fwdbwd_ms"] > 0 for x in rows)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, spy_launches
 from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
@@ -110,14 +110,7 @@ def test_backend_choice_and_errors(monkeypatch):
     and PyTorch when they are off; an unknown backend is refused naming the valid ones."""
     h, w, y = _inputs(20, 8, 37, seed=2)
     launched = []
-    kernel = ce_rows._ce_rows_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(ce_rows, "_ce_rows_kernel", Spy())
+    spy_launches(monkeypatch, ce_rows, "_ce_rows_kernel", launched.append)
     with fused.use_fused("force"):
         linear_cross_entropy(h, w, y)
     assert len(launched) == 1

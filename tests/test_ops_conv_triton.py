@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import rel_err, spy_launches
 from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
@@ -82,6 +82,26 @@ def test_other_tiles_give_the_same_results(tile, packed, monkeypatch):
     x, w, b = make(1 if packed else 2, 90 if packed else 70, 40, 4, True, seed=4)
     ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
     ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x, w, b)
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
+@pytest.mark.parametrize("dz_tile", [(16, 16), (32, 64), (16, 128)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_dz_pass_at_its_own_tile(dz_tile, packed, monkeypatch):
+    """The backward's dz pass at a tile of its own (DZ_TILE, timed by benchmarks/conv_ops.py --dz) beside the
+    shipped tile of the other passes: more or fewer token blocks share the weight gradient, and the results equal
+    the PyTorch form, dense and packed."""
+    monkeypatch.setattr(kernels, "DZ_TILE", dz_tile)
+    blocks = []
+    spy_launches(monkeypatch, kernels, "conv_dz_kernel", blocks.append, grid=True)
+    cu = torch.tensor([0, 2, 50, 51, 90], device=DEV) if packed else None
+    x, w, b = make(1 if packed else 2, 90 if packed else 70, 40, 4, True, seed=6)
+    ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x, w, b)
+    T = x.shape[1]
+    assert blocks == [(-(-T // dz_tile[0]), -(-40 // dz_tile[1]), x.shape[0])]
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
 
@@ -164,11 +184,19 @@ def test_layer_uses_the_kernel_only_when_switched_on(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("tile", [(64, 64), (32, 128), (64, 128), (128, 64), (32, 256)])
+@pytest.mark.parametrize(
+    "tile",
+    [(64, 64), (32, 128), (64, 128), (128, 64), (32, 256), (64, 64, 32, 64, 4), (64, 64, 16, 64, 2),
+     (64, 64, 32, 32, 2), (64, 64, 16, 64, 1), (64, 64, 16, 128, 4)],
+)  # fmt: skip
 def test_cuda_bf16_matches_float32(packed, tile, monkeypatch):
-    """bf16 against the float32 PyTorch form, at the shipped tile and those conv_ops.py --tiles times."""
+    """bf16 against the float32 PyTorch form, at the shipped tile and those conv_ops.py --tiles times, and at the
+    dz pass's tiles and warps that --dz times (BT, BC, dz tokens, dz channels, dz warps)."""
     monkeypatch.setattr(kernels, "BT", tile[0])
     monkeypatch.setattr(kernels, "BC", tile[1])
+    if len(tile) > 2:
+        monkeypatch.setattr(kernels, "DZ_TILE", tile[2:4])
+        monkeypatch.setattr(kernels, "DZ_WARPS", tile[4])
     x, w, b = make(1 if packed else 4, 2000, 768, 4, True, dtype=torch.bfloat16, seed=5)
     cu = torch.tensor([0, 700, 701, 2000], device=DEV) if packed else None
     ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)

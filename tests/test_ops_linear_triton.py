@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import rel_err, spy_launches
 from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
@@ -206,21 +206,6 @@ def packed_or_dense(case: str, packed: bool, L: int, K: int, seed: int):
     lengths = [5, 0, 2 * L - 5, L // 4 + 2]
     cu = torch.tensor([0, *itertools.accumulate(lengths)])
     return (*make(rule, decay, 1, int(cu[-1]), 2, K, 16, n_seq=4, seed=seed), cu)
-
-
-def spy_launches(monkeypatch, module, name: str, record) -> None:
-    """Replace module.name (a Triton kernel) by one that calls record(args) at each launch, then launches."""
-    kernel = getattr(module, name)
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch_and_record(*args, **kwargs):
-                record(args)
-                return kernel[grid](*args, **kwargs)
-
-            return launch_and_record
-
-    monkeypatch.setattr(module, name, Spy())
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")

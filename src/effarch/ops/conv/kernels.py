@@ -23,6 +23,11 @@ POISON = False  # tests set this: outputs start as NaN, so a value no kernel wro
 BT, BC = 64, 64  # tokens and channels per program
 MAX_WIDTH = 8
 DZ_WARPS = 8  # the backward's dz pass at 64 x 64 tiles (4 warps spill registers there)
+# The dz pass's own tile (tokens, channels), or None for BT x BC. Its sm_90 build at 64 x 64 and 8 warps holds 152
+# registers per thread, so one program (8 warps) fits an SM: on an H200 it ran at about a quarter of the forward's
+# bandwidth, as if waiting on each program's loads and reductions in turn. Smaller tiles at fewer warps keep several
+# programs per SM; kept as is until timed (benchmarks/conv_ops.py --dz).
+DZ_TILE: tuple[int, int] | None = None
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -147,14 +152,16 @@ def conv_bwd_op(
     B, T, C = x.shape
     W = weight.shape[1]
     grid, b, st = _launch_args(x, bias, start)
-    nblk = grid[0] * B
+    dz_bt, dz_bc = DZ_TILE or (BT, BC)
+    dz_grid = (triton.cdiv(T, dz_bt), triton.cdiv(C, dz_bc), B)
+    nblk = dz_grid[0] * B  # token blocks of the dz pass, each writing its share of dw and db
     dx = _empty(B, T, C, dtype=x.dtype, device=x.device)
     dwp = _empty(nblk, C, W, dtype=torch.float32, device=x.device)
     dbp = _empty(nblk, C, dtype=torch.float32, device=x.device) if bias is not None else dwp
     # dz in dy's dtype, as PyTorch's SiLU backward hands it to the convolution's
     dz = _empty(B, T, C, dtype=dy.dtype, device=x.device) if act else dy
-    conv_dz_kernel[grid](x, weight, b, st, dy, dz, dwp, dbp, T, C, W, BT, BC, bias is not None, start is not None,
-                         act, num_warps=DZ_WARPS)  # fmt: skip
+    conv_dz_kernel[dz_grid](x, weight, b, st, dy, dz, dwp, dbp, T, C, W, dz_bt, dz_bc, bias is not None,
+                            start is not None, act, num_warps=DZ_WARPS)  # fmt: skip
     conv_dx_kernel[grid](dz, weight, st, dx, T, C, W, BT, BC, start is not None)
     dw = dwp.sum(0).to(weight.dtype)
     db = dbp.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
