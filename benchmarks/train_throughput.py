@@ -24,6 +24,7 @@ from results import append_section, environment, parse_shapes
 from effarch import build_model
 from effarch.benchmarking import measure_train_step
 from effarch.compile import compile_model
+from effarch.layers import projections
 from effarch.models.presets import SIZES, preset_config
 from effarch.ops import fused
 
@@ -67,6 +68,11 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="timed steps per shape (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--no-fused", action="store_true", help="effarch on its PyTorch path, not the fused kernels")
+    p.add_argument(
+        "--shared-projections",
+        action="store_true",
+        help="mixers' projections of one input as one autograd node (effarch.layers.projections)",
+    )
     p.add_argument("--no-peers", action="store_true", help="no peer models (same as --peers none)")
     p.add_argument(
         "--peers", default=",".join(TRAIN_PEERS), help=f"peers to run: some of {', '.join(TRAIN_PEERS)}, or none"
@@ -83,6 +89,8 @@ def main():
     dev, dtype = device_and_dtype(args.device)
     if args.no_fused:
         fused.use_fused(False)
+    if args.shared_projections:
+        projections.SHARED_PROJECTIONS = True
     kernels = fused.enabled(dev, dtype)
     candidates = []  # (name, builder, loss, vocabulary, fused kernels)
     for name in (n.strip() for n in args.presets.split(",") if n.strip()):  # --presets "": peers alone
@@ -92,6 +100,7 @@ def main():
             print(f"skip {name}: {e}")
             continue
         label = f"effarch {name}" + (" (compiled)" if args.compile else "") + (" (unfused)" if args.no_fused else "")
+        label += " (shared projections)" if args.shared_projections else ""
         build = lambda cfg=cfg: compile_model(build_model(cfg)) if args.compile else build_model(cfg)
         candidates.append((label, build, effarch_loss, cfg.vocab_size, kernels))
     notes = []

@@ -50,6 +50,18 @@ def test_train_throughput_script(tmp_path):
     assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))
 
 
+def test_train_throughput_with_shared_projections(tmp_path):
+    """--shared-projections trains the mixers with their input projections as one autograd node, rows labelled."""
+    data = _run_script(
+        "train_throughput", tmp_path, "--presets", "gla,gated-deltanet", "--no-peers", "--shared-projections",
+        "--shapes", "2x32", "--steps", "1", "--warmup", "1",
+    )  # fmt: skip
+    assert [r["model"] for r in data["rows"]] == [
+        "effarch gla (shared projections)", "effarch gated-deltanet (shared projections)"
+    ]  # fmt: skip
+    assert all(r["tokens_per_s"] > 0 for r in data["rows"])
+
+
 def test_generate_throughput_script(tmp_path):
     data = _run_script(
         "generate_throughput", tmp_path,

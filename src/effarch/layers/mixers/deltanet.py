@@ -18,6 +18,7 @@ from torch import nn
 
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
+from effarch.layers.projections import project
 from effarch.layers.recompute import recomputed
 from effarch.ops import fused
 from effarch.registry import register_mixer
@@ -91,20 +92,28 @@ class DeltaNet(LinearMixer):
             for name, channels in (("q", H * K), ("k", H * K), ("v", H * V)):
                 self.add_conv(name, channels, conv_size)
 
-    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(log_decay [B,T,H] or None, beta [B,T,H]) of the delta rule."""
-        beta = torch.sigmoid(upcast(self.b_proj(x)))
+    def gate_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections of x that `gates` reads, in the order it takes their outputs."""
+        return (self.b_proj,)
+
+    def gates(self, x: torch.Tensor, projected: tuple | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(log_decay [B,T,H] or None, beta [B,T,H]) of the delta rule; `projected`: the outputs of
+        `gate_projections` on x when taken already."""
+        (b,) = projected if projected is not None else (self.b_proj(x),)
+        beta = torch.sigmoid(upcast(b))
         return None, (2 * beta if self.allow_neg_eigval else beta)
 
     def features(self, x: torch.Tensor, ctx: Context) -> Features:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v, gate, *gated = project(
+            x, (self.q_proj, self.k_proj, self.v_proj, self.g_proj, *self.gate_projections())
+        )
         if self.use_short_conv:
             q, k, v = ctx.conv("q", q), ctx.conv("k", k), ctx.conv("v", v)
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        log_decay, beta = self.gates(x)
+        log_decay, beta = self.gates(x, tuple(gated))
         q, k = unit_heads(self.split_heads(q)), unit_heads(self.split_heads(k))
-        return Features(q, k, self.split_heads(v), log_decay=log_decay, beta=beta)
+        return Features(q, k, self.split_heads(v), log_decay=log_decay, beta=beta, gate=gate)
 
     def flops_per_token(self, seq_len: int) -> float:
         # The chunked delta rule adds the [C, C] triangular solve and the K x V removal to the additive cost.

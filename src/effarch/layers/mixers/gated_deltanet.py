@@ -79,6 +79,10 @@ class GatedDeltaNet(DeltaNet):
         dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
         self.dt_bias.copy_(inverse_softplus(dt.clamp_min(1e-4)))
 
-    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        g = -torch.exp(self.A_log) * F.softplus(upcast(self.a_proj(x)) + self.dt_bias)
-        return g, super().gates(x)[1]
+    def gate_projections(self) -> tuple[nn.Linear, ...]:
+        return (self.a_proj, self.b_proj)
+
+    def gates(self, x: torch.Tensor, projected: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = projected if projected is not None else (self.a_proj(x), self.b_proj(x))
+        g = -torch.exp(self.A_log) * F.softplus(upcast(a) + self.dt_bias)
+        return g, super().gates(x, (b,))[1]

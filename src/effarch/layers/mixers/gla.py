@@ -17,6 +17,7 @@ from torch import nn
 
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
+from effarch.layers.projections import project
 from effarch.registry import register_mixer
 
 
@@ -72,10 +73,15 @@ class GLA(LinearMixer):
                 self.add_conv(name, channels, conv_size)
 
     def features(self, x: torch.Tensor, ctx: Context) -> Features:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        low, gk_out = self.gk_proj
+        q, k, v, gk_low, gate = project(x, (self.q_proj, self.k_proj, self.v_proj, low, self.g_proj))
         if self.conv_size:
             q, k, v = ctx.conv("q", q), ctx.conv("k", k), ctx.conv("v", v)
-        log_alpha = F.logsigmoid(upcast(self.gk_proj(x))) / self.gate_logit_normalizer
+        log_alpha = F.logsigmoid(upcast(gk_out(gk_low))) / self.gate_logit_normalizer
         return Features(
-            self.split_heads(q), self.split_heads(k), self.split_heads(v), log_decay=self.split_heads(log_alpha)
+            self.split_heads(q),
+            self.split_heads(k),
+            self.split_heads(v),
+            log_decay=self.split_heads(log_alpha),
+            gate=gate,
         )
