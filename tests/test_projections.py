@@ -70,12 +70,12 @@ def test_plain_layers_where_one_node_does_not_apply(monkeypatch):
     assert all("Shared" not in type(o.grad_fn).__name__ for o in outs)
 
 
-@pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet"])
+@pytest.mark.parametrize("name", ["gla", "deltanet", "gated_deltanet", "attn"])
 def test_mixers_with_shared_projections_equal_separate_ones(name, monkeypatch):
-    """GLA, DeltaNet and Gated DeltaNet (output gate on) give the same outputs and gradients with their input
-    projections in one node as with one nn.Linear each."""
+    """GLA, DeltaNet and Gated DeltaNet (output gate on) and attention (q and kv) give the same outputs and
+    gradients with their input projections in one node as with one nn.Linear each."""
     entry = registry.get("mixer", name)
-    kw = {"use_gate": True} if name != "gla" else {}
+    kw = {"use_gate": True} if "deltanet" in name else {}
     torch.manual_seed(0)
     m = entry.obj(D, **{**entry.debug, **kw}).double()
     with torch.no_grad():  # random values everywhere, so every gate matters
@@ -93,6 +93,6 @@ def test_mixers_with_shared_projections_equal_separate_ones(name, monkeypatch):
         y, _ = m(xx)
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         results[shared] = [y.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
-    assert calls == [{"gla": 5, "deltanet": 5, "gated_deltanet": 6}[name]]  # weights in the one node
+    assert calls == [{"gla": 5, "deltanet": 5, "gated_deltanet": 6, "attn": 2}[name]]  # weights in the node
     for a, b in zip(results[True], results[False], strict=True):
         assert_close(a, b, tol=1e-10)

@@ -1,4 +1,5 @@
-"""Several bias-free linear projections of one input as one autograd node.
+"""Several bias-free linear projections of one input as one autograd node (used by attention, GLA, DeltaNet and
+Gated DeltaNet).
 
 A mixer projects the same x to q, k, v, gates, ...: with one nn.Linear each, autograd forms dx as one matrix
 product per projection and adds them one by one (on an H200, 145 bf16 adds per step of a 24-layer GLA model at

@@ -12,6 +12,7 @@ from torch import nn
 
 from effarch.cache import KVCache, StaticKVCache
 from effarch.layers.base import TokenMixer, check_divisible
+from effarch.layers.projections import project
 from effarch.layers.rotary import apply_rotary, positions_from_cu_seqlens, rotary_angles
 from effarch.ops.attention import attention
 from effarch.registry import register_mixer
@@ -66,8 +67,9 @@ class Attention(TokenMixer):
 
     def forward(self, x: torch.Tensor, state: KVCache | None = None, *, cu_seqlens: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
+        q, kv = project(x, (self.q_proj, self.kv_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k, v = kv.view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if state is not None and cu_seqlens is not None:
