@@ -90,6 +90,13 @@ def _assert_same(a, b):
             "gated-deltanet:debug",
             FUSED_OPS - {"fused_rotary"} | {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"},
         ),
+        # GLA's per-key decay from its gate's pre-activation too
+        (
+            "gla:debug",
+            FUSED_OPS - {"fused_rotary"}
+            | {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"}
+            | {"fused_log_sigmoid_decay_fwd", "fused_log_sigmoid_decay_bwd"},
+        ),
     ],
 )
 def test_model_fused_equals_pytorch(preset, expected):

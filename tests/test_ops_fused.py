@@ -25,6 +25,8 @@ from effarch.ops.fused import (  # noqa: E402
     apply_rotary_reference,
     gated_rms_norm,
     gated_rms_norm_reference,
+    log_sigmoid_decay,
+    log_sigmoid_decay_reference,
     rms_norm,
     rms_norm_reference,
     swiglu,
@@ -134,6 +136,36 @@ def test_swiglu_reads_strided_halves_in_place():
 def test_swiglu_reference_is_the_definition():
     a, b = _randn(4, 9, seed=0, dtype=torch.float64), _randn(4, 9, seed=1, dtype=torch.float64)
     assert rel_err(swiglu_reference(a, b), a * torch.sigmoid(a) * b) < 1e-14
+
+
+# Log-sigmoid decay ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (2, 2100)])
+@pytest.mark.parametrize("normalizer", [16.0, 3.0])
+def test_log_sigmoid_decay_matches_reference(shape, normalizer):
+    """Values from -60 to 60 (exp(-|x|) far below float32's epsilon at the ends); 4200 elements span programs."""
+    x = (_randn(*shape, seed=0, grad=False) * 20).requires_grad_()
+    _check(log_sigmoid_decay(x, normalizer, backend="triton"), log_sigmoid_decay_reference(x, normalizer), (x,), seed=1)
+
+
+def test_log_sigmoid_decay_in_bf16_and_its_errors():
+    """bf16 in, float32 out, the gradient in bf16; a zero normalizer is refused in one sentence."""
+    x = _randn(4, 300, seed=0, dtype=torch.bfloat16)
+    y = log_sigmoid_decay(x, 16.0, backend="triton")
+    assert y.dtype == torch.float32
+    xr = x.detach().float().requires_grad_()
+    assert rel_err(y, log_sigmoid_decay_reference(xr, 16.0)) < 1e-6
+    (gx,) = _grads(y, (x,), seed=2)
+    (gr,) = _grads(log_sigmoid_decay_reference(xr, 16.0), (xr,), seed=2)
+    assert gx.dtype == torch.bfloat16 and rel_err(gx.float(), gr) < 1e-2
+    with pytest.raises(ValueError, match="normalizer must be nonzero"):
+        log_sigmoid_decay(x, 0.0)
+
+
+def test_log_sigmoid_decay_reference_is_the_definition():
+    x = _randn(4, 9, seed=0, dtype=torch.float64, grad=False) * 10
+    assert rel_err(log_sigmoid_decay_reference(x, 16.0), torch.log(torch.sigmoid(x)) / 16) < 1e-12
 
 
 # Rotary ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 from effarch.layers.base import check_divisible
 from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
 from effarch.layers.projections import project
+from effarch.ops import fused
 from effarch.registry import register_mixer
 
 
@@ -77,7 +78,11 @@ class GLA(LinearMixer):
         q, k, v, gk_low, gate = project(x, (self.q_proj, self.k_proj, self.v_proj, low, self.g_proj))
         if self.conv_size:
             q, k, v = ctx.conv("q", q), ctx.conv("k", k), ctx.conv("v", v)
-        log_alpha = F.logsigmoid(upcast(gk_out(gk_low))) / self.gate_logit_normalizer
+        gk = gk_out(gk_low)
+        if fused.enabled(gk.device, gk.dtype):
+            log_alpha = fused.log_sigmoid_decay(gk, self.gate_logit_normalizer, backend="triton")
+        else:
+            log_alpha = F.logsigmoid(upcast(gk)) / self.gate_logit_normalizer
         return Features(
             self.split_heads(q),
             self.split_heads(k),

@@ -1,5 +1,6 @@
 """Fused training parts as Triton kernels, each beside a plain PyTorch reference: RMSNorm with the residual
-add, SwiGLU and rotary embeddings; and the one switch that decides whether the layers use them.
+add, SwiGLU, rotary embeddings and GLA's log-sigmoid decay; and the one switch that decides whether the layers use
+them.
 
 Every kernel function takes `backend="auto" | "reference" | "triton"`: "auto" runs the Triton kernel on CUDA
 tensors of a kernel dtype when Triton imports and the reference otherwise; "triton" insists on the kernel
@@ -25,6 +26,7 @@ import torch
 from effarch.ops.fused.reference import (
     apply_rotary_reference,
     gated_rms_norm_reference,
+    log_sigmoid_decay_reference,
     rms_norm_reference,
     swiglu_reference,
 )
@@ -41,6 +43,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 _LAZY = {
     "rms_norm": "effarch.ops.fused.norm",
     "gated_rms_norm": "effarch.ops.fused.gated_norm",
+    "log_sigmoid_decay": "effarch.ops.fused.decay",
     "swiglu": "effarch.ops.fused.glu",
     "swiglu_packed": "effarch.ops.fused.glu",
     "apply_rotary": "effarch.ops.fused.rotary",
@@ -162,6 +165,8 @@ __all__ = [
     "gated_norm_enabled",
     "gated_rms_norm",
     "gated_rms_norm_reference",
+    "log_sigmoid_decay",
+    "log_sigmoid_decay_reference",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

@@ -7,6 +7,8 @@ SwiGLU gate (GLU Variants Improve Transformer, arXiv 2002.05202):
     y = silu(a) * b
 Gated per-head RMSNorm (the output stage of GLA, DeltaNet, Gated DeltaNet):
     y = norm(o) * weight * act(gate),   act = silu or sigmoid
+Log-sigmoid decay (GLA's per-key gate, arXiv 2312.06635), from a 16-bit pre-activation to a float32 log decay:
+    y = logsigmoid(x) / normalizer
 Rotary embedding (RoFormer, arXiv 2104.09864), rotate-half convention, x = (x1, x2) split in halves:
     y = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 """
@@ -52,6 +54,11 @@ def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b for a, b of one shape, in (at least) float32, cast to a's dtype."""
     acc = torch.promote_types(a.dtype, torch.float32)
     return (torch.nn.functional.silu(a.to(acc)) * b.to(acc)).to(a.dtype)
+
+
+def log_sigmoid_decay_reference(x: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """logsigmoid(x) / normalizer in (at least) float32."""
+    return torch.nn.functional.logsigmoid(x.to(torch.promote_types(x.dtype, torch.float32))) / normalizer
 
 
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
