@@ -262,6 +262,22 @@ def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeyp
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize(("block", "warps"), [(8, 1), (16, 2)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_decay_suffix_pass_in_narrower_key_blocks(block, warps, packed, monkeypatch):
+    """backward.DECAY_SUFFIX_BD / DECAY_SUFFIX_WARPS: the per-key decay gradient's suffix pass in blocks of 8 or 16
+    keys (K = 40: a partial last block) gives the results of blocks of 32 to float32 rounding, and the
+    reference's; packed: an empty sequence and lengths not multiples of the chunk."""
+    monkeypatch.setattr(backward, "DECAY_GRAD_LATER", "suffix")
+    monkeypatch.setattr(backward, "DECAY_SUFFIX_WARPS", warps)
+    q, k, v, kw, cu = packed_or_dense("per_key", packed, 35, 40, seed=34)
+    grids = []
+    spy_launches(monkeypatch, bwd_kernels, "suffix_sum_kernel", grids.append, grid=True)
+    setting_forms_agree(monkeypatch, backward, "DECAY_SUFFIX_BD", (32, block), "per_key", (q, k, v, kw, cu))
+    assert [g[0] for g in grids] == [2, -(-40 // block)]  # key blocks per sequence and head
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["fixed", "scalar", "per_key"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_decay_gradient_later_share_from_the_states(case, packed, monkeypatch):
@@ -688,6 +704,7 @@ SETTINGS = [
     *({"DELTA_GRAD_BUFFERS": "float32", "case": c} for c in ("delta", "gated_delta")),
     *({"DELTA_STATE_BWD_BV": 16, "STATE_BWD_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
     *({"DECAY_SUFFIX_KERNEL": False, "case": c} for c in ("fixed", "scalar", "per_key")),
+    *({"DECAY_SUFFIX_BD": b, "DECAY_SUFFIX_WARPS": w, "case": "per_key"} for b, w in ((16, 2), (8, 1), (8, 2))),
     *({"DECAY_GRAD_LATER": "suffix", "DECAY_GRAD_DOTS": "tf32", "case": c} for c in ("fixed", "scalar")),
     *({"DECAY_GRAD_LATER": "state", "DECAY_GRAD_DOTS": d, "case": "per_key"} for d in ("tf32", "input")),
     *({"DECAY_GRAD_DOTS": "tf32", "case": c} for c in ("fixed", "scalar")),

@@ -64,6 +64,12 @@ DELTA_STATE_BWD_BV = 32
 # H200 ran six flips of the PyTorch form (0.4 ms of its 6.6 ms) beside their cumsums and adds. The Triton pass took
 # GLA's fwd + bwd to 5.67 ms from 6.60 (8K, bf16); scalar decay was even (3.02 / 3.06 against 2.98 / 3.41).
 DECAY_SUFFIX_KERNEL = True
+# Keys per program of that pass and its warps. Each program walks its sequence's chunks one after another, so only
+# cdiv(K, BD) x sequences x heads programs run (256 at 4 x 8K tokens, 16 heads of 128 keys with 32): at 0.2 ms per
+# GLA layer on an H200 it moved its 256 MB at a third of the copy bandwidth. Narrower blocks run more programs;
+# kept until timed (benchmarks/linear_ops.py --try "DECAY_SUFFIX_BD=32,16,8").
+DECAY_SUFFIX_BD = 32
+DECAY_SUFFIX_WARPS = 4
 # The reverse state pass's output dS per chunk ([NT, H, K, V], read again by the dv and dq / dk kernels): "float32",
 # or "input" to store it in 16-bit inputs' dtype (the sequential pass still carries float32), halving the largest
 # buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). On an H200 (8K, bf16) "input" took scalar
@@ -131,10 +137,10 @@ def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len:
         H = x.shape[1]
         D = x.shape[2] if per_key else 1
         dg = _empty(*x.shape, dtype=torch.float32, device=x.device)
-        BD = min(_pow2(D), 32)
+        BD = min(_pow2(D), DECAY_SUFFIX_BD)
         bwd_kernels.suffix_sum_kernel[(triton.cdiv(D, BD), table.n_seqs * H)](
             x.contiguous(), x if end is None else end.contiguous(), dg, table.cu, table.seq_chunk, H, D, chunk, BD,
-            end is not None,
+            end is not None, num_warps=DECAY_SUFFIX_WARPS,
         )  # fmt: skip
         return dg
     dg = _suffix_sums(x, table, dense_len)
