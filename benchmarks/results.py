@@ -37,6 +37,31 @@ def append_section(title: str, body: str) -> None:
 __all__ = ["RESULTS", "append_section", "environment", "parse_shapes"]
 
 
+def apply_settings(items: list[str], option: str = "--set") -> list[str]:
+    """--set module.NAME=value (repeatable): set a launch or layer setting of an effarch module for this run, value
+    a Python literal (32, "doubling", (32, 64), True); anything else exits with one sentence. Returns the
+    settings as given, for the rows' labels."""
+    import ast
+    import importlib
+
+    for item in items:
+        target, _, text = item.partition("=")
+        module_name, _, name = target.strip().rpartition(".")
+        try:
+            if not module_name.startswith("effarch.") or not name:
+                raise ValueError
+            module = importlib.import_module(module_name)
+            if not hasattr(module, name):
+                raise ValueError
+            setattr(module, name, ast.literal_eval(text.strip()))
+        except (ValueError, SyntaxError, ImportError):
+            raise SystemExit(
+                f"{option} {item!r}: give effarch.MODULE.NAME=VALUE for an existing setting, VALUE a Python literal "
+                "(e.g. effarch.ops.fused.norm.FWD_TILE=4096)"
+            ) from None
+    return list(items)
+
+
 def pick_device(name: str) -> torch.device:
     """--device: "auto" is CUDA when present, else the CPU; otherwise the named device."""
     if name == "auto":

@@ -19,7 +19,7 @@ import json
 
 import torch
 from peers import TRAIN_PEERS, device_and_dtype, free_cuda_memory, peer_size, tokens, train_peers
-from results import append_section, environment, parse_shapes
+from results import append_section, apply_settings, environment, parse_shapes
 
 from effarch import build_model
 from effarch.benchmarking import measure_train_step
@@ -73,6 +73,13 @@ def main():
         action="store_true",
         help="mixers' projections of one input as one autograd node (effarch.layers.projections)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="effarch.MODULE.NAME=VALUE",
+        help="set a launch or layer setting for this run (repeatable), e.g. effarch.ops.fused.norm.FWD_TILE=4096",
+    )
     p.add_argument("--no-peers", action="store_true", help="no peer models (same as --peers none)")
     p.add_argument(
         "--peers", default=",".join(TRAIN_PEERS), help=f"peers to run: some of {', '.join(TRAIN_PEERS)}, or none"
@@ -91,6 +98,7 @@ def main():
         fused.use_fused(False)
     if args.shared_projections:
         projections.SHARED_PROJECTIONS = True
+    settings = apply_settings(args.set)
     kernels = fused.enabled(dev, dtype)
     candidates = []  # (name, builder, loss, vocabulary, fused kernels)
     for name in (n.strip() for n in args.presets.split(",") if n.strip()):  # --presets "": peers alone
@@ -101,6 +109,7 @@ def main():
             continue
         label = f"effarch {name}" + (" (compiled)" if args.compile else "") + (" (unfused)" if args.no_fused else "")
         label += " (shared projections)" if args.shared_projections else ""
+        label += "".join(f" [{x}]" for x in settings)
         build = lambda cfg=cfg: compile_model(build_model(cfg)) if args.compile else build_model(cfg)
         candidates.append((label, build, effarch_loss, cfg.vocab_size, kernels))
     notes = []
