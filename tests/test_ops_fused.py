@@ -98,11 +98,15 @@ def test_rms_norm_backward_several_rows_per_program(monkeypatch, programs):
 
 @pytest.mark.parametrize("tile", [512, 4096])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_several_rows_per_forward_program(monkeypatch, tile, with_residual):
-    """norm.FWD_TILE: rows of 40 channels (blocks of 64) 8 or 64 to a forward program over 37 rows, the last
-    program partly past the end: equal to the reference, values and gradients."""
+@pytest.mark.parametrize("programs", [1024, 5])
+def test_rms_norm_several_rows_per_program(monkeypatch, tile, with_residual, programs):
+    """norm.FWD_TILE / BWD_TILE: rows of 40 channels (blocks of 64) 8 or 64 at a time over 37 rows, in the forward
+    the last program partly past the end, in the backward runs of 8 rows (5 programs, the last short) or of 1:
+    equal to the reference, values and gradients (d weight summed across programs)."""
     module = sys.modules["effarch.ops.fused.norm"]
     monkeypatch.setattr(module, "FWD_TILE", tile)
+    monkeypatch.setattr(module, "BWD_TILE", tile)
+    monkeypatch.setattr(module, "BWD_PROGRAMS", programs)
     x, w = _randn(37, 40, seed=0), _randn(40, seed=1)
     r = _randn(37, 40, seed=2) if with_residual else None
     _check(rms_norm(x, w, 1e-6, r, backend="triton"), rms_norm_reference(x, w, 1e-6, r), (x, w, r), seed=3)

@@ -21,8 +21,10 @@ MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
 # Elements per forward program: rows of D <= FWD_TILE / 2 go several to a program (0: one row each). With one row
 # each, the per-head norms of q and k (D = 128, 196K rows at 32K tokens and 6 heads) ran as 196K one-warp programs
-# at about half the copy bandwidth on an H200. Kept at 0 until timed.
+# at about half the copy bandwidth on an H200. Kept at 0 until timed. BWD_TILE likewise for the backward, whose
+# programs (BWD_PROGRAMS at most) walk their rows ROWS = BWD_TILE / D at a time instead of one by one.
 FWD_TILE = 0
+BWD_TILE = 0
 
 if HAS_TRITON:
     import triton
@@ -53,35 +55,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_bwd(S, W, RSTD, DY, DS_IN, DX, DR, DW_PART, N, D, ROWS_PER_PROG,
-                 HAS_DS_IN: tl.constexpr, HAS_DR: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        # Each program walks a contiguous run of rows and keeps its share of d weight in registers, written
-        # once as a partial sum (summed on the host): no atomics, so the result is deterministic.
+                 HAS_DS_IN: tl.constexpr, HAS_DR: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+                 ROWS: tl.constexpr):  # fmt: skip
+        # Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of d weight in
+        # registers, written once as a partial sum (summed on the host): no atomics, so the result is deterministic.
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        mask = cols < D
+        cmask = cols < D
         if HAS_W:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        start = pid * ROWS_PER_PROG
-        for i in range(0, ROWS_PER_PROG):
-            row = (start + i).to(tl.int64)
-            if row < N:
-                s = tl.load(S + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-                rstd = tl.load(RSTD + row)
-                s_hat = s * rstd
-                g = dy
-                if HAS_W:
-                    g = dy * w
-                    dw += dy * s_hat
-                ds = rstd * (g - s_hat * (tl.sum(g * s_hat, axis=0) / D))
-                if HAS_DS_IN:
-                    ds += tl.load(DS_IN + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * D + cols, ds.to(DX.dtype.element_ty), mask=mask)
-                if HAS_DR:
-                    tl.store(DR + row * D + cols, ds.to(DR.dtype.element_ty), mask=mask)
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        dw = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        start = pid.to(tl.int64) * ROWS_PER_PROG
+        for i in range(0, ROWS_PER_PROG, ROWS):
+            k = i + tl.arange(0, ROWS)
+            rows = start + k
+            rmask = (k < ROWS_PER_PROG) & (rows < N)
+            mask = rmask[:, None] & cmask[None, :]
+            off = rows[:, None] * D + cols[None, :]
+            s = tl.load(S + off, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)[:, None]
+            s_hat = s * rstd
+            g = dy
+            if HAS_W:
+                g = dy * w
+                dw += dy * s_hat
+            ds = rstd * (g - s_hat * (tl.sum(g * s_hat, axis=1) / D)[:, None])
+            if HAS_DS_IN:
+                ds += tl.load(DS_IN + off, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + off, ds.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DR:
+                tl.store(DR + off, ds.to(DR.dtype.element_ty), mask=mask)
         if HAS_W:
-            tl.store(DW_PART + pid * D + cols, dw, mask=mask)
+            tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
 def _num_warps(block: int) -> int:
@@ -126,14 +132,15 @@ def _bwd_op(
     dx = empty_like(s, dtype=dy.dtype)
     dr = empty_like(s) if want_dr else None
     block = triton.next_power_of_2(D)
+    tile_rows = max(1, BWD_TILE // block)
     n_prog = max(1, min(N, BWD_PROGRAMS))
     rows = triton.cdiv(N, n_prog) if N else 0
     n_prog = triton.cdiv(N, rows) if N else 0
     dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if weight is not None else None
     if N:
         _rms_bwd[(n_prog,)](s, weight, rstd, dy, ds_in, dx, dr, dw_part, N, D, rows, HAS_DS_IN=ds_in is not None,
-                            HAS_DR=dr is not None, HAS_W=weight is not None, BLOCK=block,
-                            num_warps=_num_warps(block))  # fmt: skip
+                            HAS_DR=dr is not None, HAS_W=weight is not None, BLOCK=block, ROWS=tile_rows,
+                            num_warps=_num_warps(tile_rows * block))  # fmt: skip
     dw = _none(s)
     if weight is not None:
         dw = (dw_part.sum(0) if N else torch.zeros(D, device=s.device)).to(weight.dtype)
