@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -41,9 +43,6 @@ def apply_settings(items: list[str], option: str = "--set") -> list[str]:
     """--set module.NAME=value (repeatable): set a launch or layer setting of an effarch module for this run, value
     a Python literal (32, "doubling", (32, 64), True); anything else exits with one sentence. Returns the
     settings as given, for the rows' labels."""
-    import ast
-    import importlib
-
     for item in items:
         target, _, text = item.partition("=")
         module_name, _, name = target.strip().rpartition(".")
