@@ -87,12 +87,12 @@ def test_other_tiles_give_the_same_results(tile, packed, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA test below covers the GPU")
-@pytest.mark.parametrize("dz_tile", [(16, 16), (32, 64), (16, 128)])
+@pytest.mark.parametrize("dz_tile", [None, (16, 16), (32, 64), (16, 128)])
 @pytest.mark.parametrize("packed", [False, True])
 def test_dz_pass_at_its_own_tile(dz_tile, packed, monkeypatch):
     """The backward's dz pass at a tile of its own (DZ_TILE, timed by benchmarks/conv_ops.py --dz) beside the
     shipped tile of the other passes: more or fewer token blocks share the weight gradient, and the results equal
-    the PyTorch form, dense and packed."""
+    the PyTorch form, dense and packed. None takes the other passes' tile."""
     monkeypatch.setattr(kernels, "DZ_TILE", dz_tile)
     blocks = []
     spy_launches(monkeypatch, kernels, "conv_dz_kernel", blocks.append, grid=True)
@@ -100,8 +100,8 @@ def test_dz_pass_at_its_own_tile(dz_tile, packed, monkeypatch):
     x, w, b = make(1 if packed else 2, 90 if packed else 70, 40, 4, True, seed=6)
     ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
     ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x, w, b)
-    T = x.shape[1]
-    assert blocks == [(-(-T // dz_tile[0]), -(-40 // dz_tile[1]), x.shape[0])]
+    T, (bt, bc) = x.shape[1], dz_tile or (kernels.BT, kernels.BC)
+    assert blocks == [(-(-T // bt), -(-40 // bc), x.shape[0])]
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert rel_err(o, r) < 1e-5, f"{name}: relative error {rel_err(o, r):.2e}"
 

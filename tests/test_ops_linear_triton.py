@@ -248,6 +248,7 @@ def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeyp
     reference's; packed: an empty sequence and lengths not multiples of the chunk, with the final state's gradient
     as each sequence's starting carry."""
     monkeypatch.setattr(backward, "DECAY_GRAD_LATER", "suffix")
+    monkeypatch.setattr(backward, "DECAY_SUFFIX_BD", 32)
     q, k, v, kw, cu = packed_or_dense(case, packed, 35, 40, seed=30)
     launches = []
     spy_launches(monkeypatch, bwd_kernels, "suffix_sum_kernel", lambda a: launches.append(a[-2]))  # BD

@@ -22,12 +22,13 @@ from torch import Tensor
 POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
 BT, BC = 64, 64  # tokens and channels per program
 MAX_WIDTH = 8
-DZ_WARPS = 8  # the backward's dz pass at 64 x 64 tiles (4 warps spill registers there)
-# The dz pass's own tile (tokens, channels), or None for BT x BC. Its sm_90 build at 64 x 64 and 8 warps holds 152
-# registers per thread, so one program (8 warps) fits an SM: on an H200 it ran at about a quarter of the forward's
-# bandwidth, as if waiting on each program's loads and reductions in turn. Smaller tiles at fewer warps keep several
-# programs per SM; kept as is until timed (benchmarks/conv_ops.py --dz).
-DZ_TILE: tuple[int, int] | None = None
+# The backward's dz pass at a tile of its own (tokens, channels; None for BT x BC) and its warps. At BT x BC = 64 x 64
+# its sm_90 build needs 8 warps of 152 registers per thread (4 spill), so one program fills an SM and on an H200 it ran
+# at about a quarter of the forward's bandwidth. At 16 x 64 and one warp many programs share each SM: fwd + bwd on an
+# H200 (bf16, width 4) 1.19 -> 0.70 ms at 4 x 8K x 2048 channels and 1.87 -> 1.33 at 32K x 4096, even (0.80 / 0.84)
+# at 4 x 8K x 1024 (benchmarks/conv_ops.py --dz; 32 x 64 x 4 warps, 16 x 64 x 2, 32 x 32 x 2, 16 x 128 x 4 also ran).
+DZ_TILE: tuple[int, int] | None = (16, 64)
+DZ_WARPS = 1
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -66,10 +66,11 @@ DELTA_STATE_BWD_BV = 32
 DECAY_SUFFIX_KERNEL = True
 # Keys per program of that pass and its warps. Each program walks its sequence's chunks one after another, so only
 # cdiv(K, BD) x sequences x heads programs run (256 at 4 x 8K tokens, 16 heads of 128 keys with 32): at 0.2 ms per
-# GLA layer on an H200 it moved its 256 MB at a third of the copy bandwidth. Narrower blocks run more programs;
-# kept until timed (benchmarks/linear_ops.py --try "DECAY_SUFFIX_BD=32,16,8").
-DECAY_SUFFIX_BD = 32
-DECAY_SUFFIX_WARPS = 4
+# GLA layer on an H200 it moved its 256 MB at a third of the copy bandwidth. Narrower blocks run more programs: GLA
+# fwd + bwd on an H200 (bf16) with 8 keys and one warp 5.47 / 6.06 ms at 8K / 32K against 5.51 / 6.28 with 32 keys and
+# four, the fastest of nine (benchmarks/linear_ops.py --try "DECAY_SUFFIX_BD=32,16,8;DECAY_SUFFIX_WARPS=1,2,4").
+DECAY_SUFFIX_BD = 8
+DECAY_SUFFIX_WARPS = 1
 # The reverse state pass's output dS per chunk ([NT, H, K, V], read again by the dv and dq / dk kernels): "float32",
 # or "input" to store it in 16-bit inputs' dtype (the sequential pass still carries float32), halving the largest
 # buffer of the backward (537 MB at 32K tokens, 16 heads of 128 x 128). On an H200 (8K, bf16) "input" took scalar
