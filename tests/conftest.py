@@ -32,15 +32,16 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None
     assert err < tol, f"relative error {err:.3e} >= {tol:.1e}"
 
 
-def spy_launches(monkeypatch, module, name: str, record, grid: bool = False) -> None:
-    """Replace module.name (a Triton kernel) by one that calls record(args), or record(its grid) with `grid`, at
-    each launch, then launches."""
+def spy_launches(monkeypatch, module, name: str, record, grid: bool = False, keywords: bool = False) -> None:
+    """Replace module.name (a Triton kernel) by one that calls record(args), or record(its grid) with `grid`, or
+    record(its keyword arguments: the constexprs and launch options) with `keywords`, at each launch, then
+    launches."""
     kernel = getattr(module, name)
 
     class Spy:
         def __getitem__(self, launch_grid):
             def launch_and_record(*args, **kwargs):
-                record(launch_grid if grid else args)
+                record(launch_grid if grid else kwargs if keywords else args)
                 return kernel[launch_grid](*args, **kwargs)
 
             return launch_and_record

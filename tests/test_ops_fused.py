@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from conftest import rel_err, spy_launches
 from triton_mode import CUDA, fresh_process_only, restore_environment, run_file_in_fresh_process  # noqa: F401
 
 pytest.importorskip("triton")
@@ -110,6 +110,23 @@ def test_rms_norm_several_rows_per_program(monkeypatch, tile, with_residual, pro
     x, w = _randn(37, 40, seed=0), _randn(40, seed=1)
     r = _randn(37, 40, seed=2) if with_residual else None
     _check(rms_norm(x, w, 1e-6, r, backend="triton"), rms_norm_reference(x, w, 1e-6, r), (x, w, r), seed=3)
+
+
+@pytest.mark.parametrize("D", [40, 512, 600])
+def test_rms_norm_packs_short_rows_only(monkeypatch, D):
+    """Rows of at most PACKED_MAX_D channels go FWD_TILE / block to a forward program and BWD_TILE / block at a time
+    in the backward; wider rows one at a time (their blocks packed cost time on an H200). Values stay those of the
+    reference either way."""
+    module = sys.modules["effarch.ops.fused.norm"]
+    monkeypatch.setattr(module, "FWD_TILE", 4096)
+    monkeypatch.setattr(module, "BWD_TILE", 2048)
+    rows = []
+    spy_launches(monkeypatch, module, "_rms_fwd", lambda kw: rows.append(kw["ROWS"]), keywords=True)
+    spy_launches(monkeypatch, module, "_rms_bwd", lambda kw: rows.append(kw["ROWS"]), keywords=True)
+    x, w = _randn(9, D, seed=0), _randn(D, seed=1)
+    _check(rms_norm(x, w, 1e-6, None, backend="triton"), rms_norm_reference(x, w, 1e-6, None), (x, w), seed=3)
+    block = 1 << (D - 1).bit_length()
+    assert rows == ([4096 // block, 2048 // block] if block <= module.PACKED_MAX_D else [1, 1])
 
 
 def test_rms_norm_residual_without_grad():
