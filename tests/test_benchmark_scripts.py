@@ -50,14 +50,14 @@ def test_train_throughput_script(tmp_path):
     assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))
 
 
-def test_train_throughput_with_shared_projections(tmp_path):
-    """--shared-projections trains the mixers with their input projections as one autograd node and --set changes
+def test_train_throughput_with_separate_projections(tmp_path):
+    """--separate-projections trains the mixers with their input projections as separate layers and --set changes
     a setting for the run; the rows say both."""
     data = _run_script(
-        "train_throughput", tmp_path, "--presets", "gla,gated-deltanet", "--no-peers", "--shared-projections",
+        "train_throughput", tmp_path, "--presets", "gla,gated-deltanet", "--no-peers", "--separate-projections",
         "--shapes", "2x32", "--steps", "1", "--warmup", "1", "--set", "effarch.ops.fused.norm.FWD_TILE=4096",
     )  # fmt: skip
-    tag = " (shared projections) [effarch.ops.fused.norm.FWD_TILE=4096]"
+    tag = " (separate projections) [effarch.ops.fused.norm.FWD_TILE=4096]"
     assert [r["model"] for r in data["rows"]] == ["effarch gla" + tag, "effarch gated-deltanet" + tag]
     assert all(r["tokens_per_s"] > 0 for r in data["rows"])
 
@@ -87,6 +87,7 @@ def test_generate_throughput_script(tmp_path):
         ("train_throughput", ["--size", "debug", "--set", "effarch.ops.fused.norm.NOPE=1"], "for an existing setting"),
         ("train_throughput", ["--size", "debug", "--set", "effarch.ops.fused.norm.FWD_TILE=x y"], "a Python literal"),
         ("train_throughput", ["--size", "debug", "--set", "os.sep=1"], "give effarch.MODULE.NAME=VALUE"),
+        ("train_throughput", ["--size", "debug", "--device", "cpu", "--cuda-graph"], "--cuda-graph needs a CUDA"),
         ("generate_throughput", ["--size", "debug", "--batches", "0"], "--batches '0' must be"),
         ("scan_ops", ["--T", "64,x"], "must be comma-separated integers"),
         ("ttt_prefill", ["--shapes", "1x40,banana"], "list of BATCHxTOKENS (positive"),

@@ -12,6 +12,7 @@ import torch
 
 from effarch import build_model
 from effarch.arena.archs import default_specs, task_config
+from effarch.benchmarking import measure_train_step
 from effarch.data.batches import TaskBatches
 from effarch.data.tasks import mqar
 from effarch.models.presets import preset_config
@@ -160,3 +161,32 @@ def test_graph_step_captures_again_for_more_scored_positions(monkeypatch):
     assert captured == [128, 384]
     assert len(graphed.losses) == steps
     assert graphed.losses == pytest.approx(eager.losses, rel=2e-2)
+
+
+def _loss(model, ids):
+    return model(ids, targets=ids.roll(-1, 1), return_logits=False).loss
+
+
+def test_measured_step_cuda_graph_needs_cuda():
+    model = build_model(preset_config("gla:debug"))
+    with pytest.raises(ValueError, match="needs a model on a CUDA device"):
+        measure_train_step(model, _loss, batch=1, seq_len=16, vocab_size=64, steps=1, warmup=1, cuda_graph=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["gla", "gated-deltanet", "transformer"])
+def test_measured_step_replayed_trains_like_eager(spec):
+    """The training benchmark's captured step (benchmarks/train_throughput.py --cuda-graph): one eager warm-up step
+    and two replays leave the weights where three eager steps do, and differ from the start (the replays ran)."""
+    models = []
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = build_model(preset_config(f"{spec}:debug")).cuda()
+        start = [p.detach().clone() for p in model.parameters()]
+        torch.manual_seed(1)  # the same random tokens both ways
+        r = measure_train_step(model, _loss, batch=2, seq_len=64, vocab_size=512, steps=2, warmup=1, cuda_graph=graph)
+        assert r["tokens_per_s"] > 0
+        models.append(model)
+    for a, b, s in zip(models[0].parameters(), models[1].parameters(), start):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+        assert not torch.equal(b, s)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from effarch.cuda_graphs import capture, warm_up
+
 RESULTS_TITLE = "# effarch benchmark results\n"
 
 
@@ -74,33 +76,49 @@ def measure_train_step(
     steps: int = 10,
     warmup: int = 3,
     lr: float = 1e-4,
+    cuda_graph: bool = False,
 ) -> dict:
     """Median time of one training step (forward, backward, AdamW; fused on CUDA) on random tokens.
 
     `loss_of(model, ids)` returns the scalar loss. Returns tokens/s, step ms and peak memory bytes (CUDA).
-    Out-of-memory is reported as {"oom": True}.
+    Out-of-memory is reported as {"oom": True}. cuda_graph: the step (AdamW included) captured once after the
+    warm-up steps and replayed, so the host's launches are out of the timing; a model that syncs with the host
+    cannot be captured and raises.
     """
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda" or None)
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device; this one is on {device.type}")
+    fused = device.type == "cuda" or None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused, capturable=cuda_graph)
     ids = torch.randint(0, vocab_size, (batch, seq_len), device=device)
+
+    def step() -> None:
+        loss_of(model, ids).backward()
+        opt.step()
+
+    def eager() -> None:
+        step()
+        opt.zero_grad(set_to_none=True)
+
     times = []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     try:
+        run = eager
+        if cuda_graph:  # gradients allocated inside the graph's pool, then written (not added) by each replay
+            warm_up(eager, device, max(warmup, 1))
+            graph, _ = capture(step, device)
+            run, warmup = graph.replay, 0
         for i in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
-            loss = loss_of(model, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            run()
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
-        del opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return {"oom": True, "batch": batch, "seq_len": seq_len}
@@ -112,7 +130,6 @@ def measure_train_step(
         "tokens_per_s": batch * seq_len / step_s,
         "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     }
-    del opt
     return out
 
 
@@ -236,13 +253,15 @@ def bench_model(
             vocab_size=config.vocab_size,
             steps=steps,
             warmup=2,
+            cuda_graph=cuda_graph,
         )
         if r.get("oom"):
             return f"{config.name or spec}: out of memory at batch {b} x {seq_len}"
         mem = "" if r["peak_mem_bytes"] is None else f", peak {r['peak_mem_bytes'] / 2**30:.2f} GiB"
         flops = model.flops_per_token(seq_len) * 3 * r["tokens_per_s"]
         return (
-            f"{config.name or spec} ({n / 1e6:.1f}M params, {dt}, {dev.type}): train {b} x {seq_len}: "
+            f"{config.name or spec} ({n / 1e6:.1f}M params, {dt}, {dev.type}): train {b} x {seq_len}"
+            f"{' (CUDA graph)' if cuda_graph else ''}: "
             f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, {flops / 1e12:.2f} TFLOP/s{mem}"
         )
     if what == "generate":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from effarch.cache import Cache, RecurrentState, StaticKVCache
+from effarch.cuda_graphs import capture, warm_up
 
 
 def sample_next(
@@ -84,17 +85,10 @@ class GraphedDecodeStep:
         self.model, self.cache = model, cache
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         saved = _snapshot(cache)  # warm-up steps run for real: undo them afterwards
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        warm_up(self._step, device, warmup)
         _restore(cache, saved)
-        self.graph = torch.cuda.CUDAGraph()
         counts = [(s.length if isinstance(s, StaticKVCache) else None) for s in cache.layers]
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+        self.graph, self.logits = capture(self._step, device)
         for s, n in zip(cache.layers, counts):  # capturing ran no step: undo its host-side count
             if n is not None:
                 s.length = n

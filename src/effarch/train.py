@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from effarch.cuda_graphs import capture, warm_up
 from effarch.ops.cross_entropy import scored_rows
 from effarch.utils import atomic_write_text, default_device
 
@@ -278,22 +279,20 @@ class GraphedStep:
             return _forward_backward(model, self.inputs, step_targets, cfg, device, False, target_index=index)
 
         if rows is not None:  # the scored-rows path once outside the capture: kernels built, workspaces allocated
-            current, warm = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-            warm.wait_stream(current)
-            with torch.cuda.stream(warm):
-                forward_backward()
-            current.wait_stream(warm)
+            warm_up(forward_backward, device)
         for group in optimizer.param_groups:  # the graph reads the learning rate from device memory
             group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
         optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
-        torch.cuda.synchronize(device)
-        self.graph = torch.cuda.CUDAGraph()
+
+        def step() -> torch.Tensor:
+            loss = forward_backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            return loss
+
         try:
-            with torch.cuda.graph(self.graph):
-                self.loss = forward_backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+            self.graph, self.loss = capture(step, device)
         except Exception:
             self.release()
             optimizer.zero_grad(set_to_none=True)

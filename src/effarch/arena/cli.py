@@ -212,7 +212,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="generate: tokens to generate")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 on CUDA")
     parser.add_argument("--compile", action="store_true", help="train: torch.compile the blocks first")
-    parser.add_argument("--cuda-graph", action="store_true", help="generate: replay a captured decode step (CUDA)")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="train: replay the captured training step; generate: a captured decode step (CUDA)",
+    )
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -3,12 +3,13 @@ Gated DeltaNet).
 
 A mixer projects the same x to q, k, v, gates, ...: with one nn.Linear each, autograd forms dx as one matrix
 product per projection and adds them one by one (on an H200, 145 bf16 adds per step of a 24-layer GLA model at
-8K x 4 tokens, 3.7% of the step). Here the backward accumulates dx in place (`addmm_`), each product adding onto
+8K x 4 tokens, 3.7% of the step). Training on an H200 (bf16, 8K x 4, steps replayed from a CUDA graph): GLA 176.3 ->
+179.3 thousand tokens/s, Gated DeltaNet 129.5 -> 131.0. Here the backward accumulates dx in place (`addmm_`), each product adding onto
 the last, and takes each weight's gradient as before; the forward is the same products. Parameters stay separate
 modules (state dicts, conversions and initialisation are untouched).
 
-`project(x, layers)` takes that path when SHARED_PROJECTIONS is on (EFFARCH_SHARED_PROJECTIONS=1 at import, or set
-the attribute), two or more layers are given, none has a bias, their weights have x's dtype, autocast is off and a
+`project(x, layers)` takes that path when SHARED_PROJECTIONS is on (the default; EFFARCH_SHARED_PROJECTIONS=0 at
+import, or the attribute set to False, calls each layer), two or more layers are given, none has a bias, their weights have x's dtype, autocast is off and a
 gradient is needed; otherwise it calls each layer.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SHARED_PROJECTIONS = os.environ.get("EFFARCH_SHARED_PROJECTIONS", "0") == "1"
+SHARED_PROJECTIONS = os.environ.get("EFFARCH_SHARED_PROJECTIONS", "1") != "0"
 
 
 class _SharedInputLinear(torch.autograd.Function):
