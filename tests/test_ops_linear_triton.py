@@ -114,6 +114,43 @@ def test_packed_sequences_match_reference(case):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["per_key", "gated_delta"])
+@pytest.mark.parametrize("used", ["o", "final"])
+def test_gradient_through_one_output_alone(case, used):
+    """A loss of o alone or of the final state alone: the other output's gradient arrives as None (no zero tensor
+    is made for it, nor for the states kept for the backward), and the gradients equal the reference's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Zeros(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.made += func.overloadpacket.__name__ in ("zeros", "zeros_like", "new_zeros") and not (
+                used == "final" and func.overloadpacket.__name__ == "zeros_like"  # o's gradient, needed then
+            )
+            return func(*args, **(kwargs or {}))
+
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 37, 2, 16, 16, seed=5)
+    grads = {}
+    for name, fn in (("ours", linear_recurrence_triton), ("ref", linear_recurrence_reference)):
+        leaves = [
+            x.detach().clone().requires_grad_() for x in (q, k, v, kw["log_decay"], kw.get("beta")) if x is not None
+        ]
+        extra = dict(kw, log_decay=leaves[3], **({"beta": leaves[4]} if "beta" in kw else {}))
+        o, f = fn(*leaves[:3], **extra, output_final_state=True)
+        w = torch.randn((o if used == "o" else f).shape, generator=torch.Generator().manual_seed(9)).to(DEV)
+        loss = ((o if used == "o" else f).float() * w).sum()
+        with Zeros() as zeros:
+            got = torch.autograd.grad(loss, leaves, allow_unused=True)  # q does not reach the final state
+        grads[name] = [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves)]
+        if name == "ours":
+            assert zeros.made == 0
+    for a, b in zip(grads["ours"], grads["ref"]):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["scalar", "per_key", "gated_delta"])
 @pytest.mark.parametrize("grad", [True, False])
 def test_key_groups_match_the_reference(case, grad):

@@ -155,6 +155,7 @@ def _setup_context(ctx, inputs, output):
     o, gate, weight, _, silu, gate_first = inputs
     _, rstd = output
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # no zero tensor (one launch) for rstd's gradient; y always has one
     ctx.silu, ctx.gate_first = silu, gate_first
     ctx.save_for_backward(o, gate, weight, rstd)
 

@@ -166,7 +166,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, residual, _ = inputs
     _, s, rstd = output
     ctx.mark_non_differentiable(rstd)
-    ctx.has_res = residual is not None
+    ctx.set_materialize_grads(False)  # no zero tensors (one launch each) for rstd, or s without a gradient
+    ctx.has_res, ctx.y_dtype = residual is not None, x.dtype
     ctx.want_dr = ctx.has_res and ctx.needs_input_grad[2]
     ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
 
@@ -174,7 +175,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     ds_in = ds.contiguous() if ctx.has_res and ds is not None else None
-    dx, dw, dr = _bwd_op(s, weight, rstd, dy.contiguous(), ds_in, ctx.want_dr)
+    dy = torch.zeros_like(s, dtype=ctx.y_dtype) if dy is None else dy.contiguous()  # only s had a gradient
+    dx, dw, dr = _bwd_op(s, weight, rstd, dy, ds_in, ctx.want_dr)
     return dx, (dw if weight is not None else None), (dr if ctx.want_dr else None), None
 
 

@@ -124,6 +124,10 @@ def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, *_ = inputs
     ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2], output[1], *output[3:])
+    ctx.mark_non_differentiable(*output[2:])
+    # No zero tensors for the outputs kept for the backward alone (the chunk states: hundreds of MB a layer), nor
+    # for an unused final state: each would be one more launch and a memset.
+    ctx.set_materialize_grads(False)
     ctx.args = (scale, delta, dense_len, chunk)
 
 
@@ -133,8 +137,9 @@ def _backward(ctx, do, dhT, *_kept):
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
     groups = q.shape[1]
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
+    do = torch.zeros_like(v) if do is None else do.contiguous()  # only the final state had a gradient
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
-        do.contiguous(), dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final, w, vnew
+        do, dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final, w, vnew
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
         dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))

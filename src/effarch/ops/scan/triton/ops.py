@@ -202,6 +202,8 @@ def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, hc, cu, dt_softplus, chunk, has_h0
 def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dense_len, chunk, store_final, save_states = inputs
     ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, cu, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # no zero tensors for the kept chunk states or an unused final state
     ctx.args = (dt_softplus, chunk, h0 is not None)
 
 
@@ -212,7 +214,21 @@ def _backward(ctx, dy, dhT, _dhc):
         raise RuntimeError("selective_scan: the Triton forward ran without saving chunk states for a backward")
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd_op(
-        dy.contiguous(), dhT, x, dt, A, B, C, D, z, dt_bias, hc, cu, dt_softplus, chunk, has_h0
+        torch.zeros_like(x) if dy is None else dy.contiguous(),
+        dhT,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        hc,
+        cu,
+        dt_softplus,
+        chunk,
+        has_h0,
     )
     return (
         dx,
