@@ -85,10 +85,12 @@ def _assert_same(a, b):
     "preset,expected",
     [
         ("transformer:debug", FUSED_OPS),
-        # no rotary in Gated DeltaNet; its per-head norm and output gate run fused
+        # no rotary in Gated DeltaNet; its per-head norm and output gate run fused, and its decay and beta gates
         (
             "gated-deltanet:debug",
-            FUSED_OPS - {"fused_rotary"} | {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"},
+            FUSED_OPS - {"fused_rotary"}
+            | {"fused_gated_rms_norm_fwd", "fused_gated_rms_norm_bwd"}
+            | {"fused_delta_gates_fwd", "fused_delta_gates_bwd"},
         ),
         # GLA's per-key decay from its gate's pre-activation too
         (

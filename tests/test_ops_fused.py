@@ -23,6 +23,8 @@ from effarch.ops import fused  # noqa: E402
 from effarch.ops.fused import (  # noqa: E402
     apply_rotary,
     apply_rotary_reference,
+    delta_gates,
+    delta_gates_reference,
     gated_rms_norm,
     gated_rms_norm_reference,
     log_sigmoid_decay,
@@ -129,6 +131,33 @@ def test_rms_norm_packs_short_rows_only(monkeypatch, D):
     assert rows == ([4096 // block, 2048 // block] if block <= module.PACKED_MAX_D else [1, 1])
 
 
+@pytest.mark.parametrize("used", ["y", "sum"])
+def test_rms_norm_gradient_through_one_output_alone(used):
+    """With a residual, a loss of y alone or of the new residual stream alone: the other output's gradient (and
+    rstd's) arrives as None, no zero tensor is made for it in the backward, and the gradients equal the reference's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Zeros(TorchDispatchMode):
+        made = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.made += func.overloadpacket.__name__ in ("zeros", "zeros_like", "new_zeros") and used == "y"
+            return func(*args, **(kwargs or {}))
+
+    grads = []
+    for fn in (lambda *a: rms_norm(*a, backend="triton"), rms_norm_reference):
+        x, w, r = (_randn(*shape, seed=i).requires_grad_() for i, shape in enumerate(((6, 40), (40,), (6, 40))))
+        y, s = fn(x, w, 1e-6, r)
+        out = y if used == "y" else s
+        loss = (out.float() * _randn(6, 40, seed=7, grad=False).float()).sum()
+        with Zeros() as zeros:
+            got = torch.autograd.grad(loss, (x, w, r), allow_unused=True)  # w does not reach the sum
+        assert zeros.made == 0
+        grads.append([torch.zeros_like(t) if g is None else g for g, t in zip(got, (x, w, r))])
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < TOL
+
+
 def test_rms_norm_residual_without_grad():
     x, w = _randn(5, 24, seed=0), _randn(24, seed=1)
     r = _randn(5, 24, seed=2, grad=False)
@@ -199,6 +228,66 @@ def test_log_sigmoid_decay_in_bf16_and_its_errors():
 def test_log_sigmoid_decay_reference_is_the_definition():
     x = _randn(4, 9, seed=0, dtype=torch.float64, grad=False) * 10
     assert rel_err(log_sigmoid_decay_reference(x, 16.0), torch.log(torch.sigmoid(x)) / 16) < 1e-12
+
+
+# Gated DeltaNet's gates -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 6), (2, 700, 6), (1, 3, 5, 17)])
+@pytest.mark.parametrize("beta_scale", [1.0, 2.0])
+def test_delta_gates_match_reference(shape, beta_scale):
+    """Pre-activations from -40 to 40 (softplus's exp far below float32's epsilon at the ends), several programs
+    (1,400 rows of 6 heads: 3 programs), heads not a power of two: values and the gradients of a, b, A_log and dt_bias (the last
+    two summed over every row's program)."""
+    H = shape[-1]
+    a = (_randn(*shape, seed=0, grad=False) * 15).requires_grad_()
+    b = (_randn(*shape, seed=1, grad=False) * 15).requires_grad_()
+    A_log, dt_bias = _randn(H, seed=2), _randn(H, seed=3)
+    inputs = (a, b, A_log, dt_bias)
+    _check(delta_gates(*inputs, beta_scale, backend="triton"), delta_gates_reference(*inputs, beta_scale), inputs, 4)
+
+
+@pytest.mark.parametrize("used", ["g", "beta"])
+def test_delta_gates_gradient_through_one_gate_alone(used):
+    """A loss of one gate alone: the other's gradient arrives as None and its inputs' gradients are zero."""
+    grads = []
+    for fn in (lambda *x: delta_gates(*x, backend="triton"), delta_gates_reference):
+        inputs = (_randn(40, 6, seed=0), _randn(40, 6, seed=1), _randn(6, seed=2), _randn(6, seed=3))
+        g, beta = fn(*inputs)
+        loss = ((g if used == "g" else beta) * _randn(40, 6, seed=5, grad=False)).sum()
+        got = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads.append([torch.zeros_like(x) if d is None else d for d, x in zip(got, inputs)])
+    for ours, ref in zip(*grads):
+        assert torch.isfinite(ours).all() and (rel_err(ours, ref) < TOL if ref.any() else not ours.any())
+
+
+def test_delta_gates_in_bf16_and_their_errors():
+    """bf16 pre-activations and parameters in, float32 gates out, gradients in the inputs' dtypes; mismatched
+    shapes are refused in one sentence."""
+    a, b = _randn(64, 6, seed=0, dtype=torch.bfloat16), _randn(64, 6, seed=1, dtype=torch.bfloat16)
+    A_log, dt_bias = _randn(6, seed=2, dtype=torch.bfloat16), _randn(6, seed=3, dtype=torch.bfloat16)
+    g, beta = delta_gates(a, b, A_log, dt_bias, backend="triton")
+    assert g.dtype == beta.dtype == torch.float32
+    ref = [x.detach().float().requires_grad_() for x in (a, b, A_log, dt_bias)]
+    g_ref, beta_ref = delta_gates_reference(*ref)
+    assert rel_err(g, g_ref) < 1e-5 and rel_err(beta, beta_ref) < 1e-6
+    ours = _grads((g, beta), (a, b, A_log, dt_bias), seed=4)
+    theirs = _grads((g_ref, beta_ref), ref, seed=4)
+    for x, d, r in zip((a, b, A_log, dt_bias), ours, theirs):
+        assert d.dtype == x.dtype and rel_err(d.float(), r) < 1e-2
+    with pytest.raises(ValueError, match="a and b must share a shape"):
+        delta_gates(a, b[:, :5], A_log, dt_bias)
+
+
+def test_delta_gates_reference_is_the_layer_formula():
+    a, b = _randn(4, 3, seed=0, dtype=torch.float64, grad=False), _randn(4, 3, seed=1, dtype=torch.float64, grad=False)
+    A_log, dt_bias = (
+        _randn(3, seed=2, dtype=torch.float64, grad=False),
+        _randn(3, seed=3, dtype=torch.float64, grad=False),
+    )
+    g, beta = delta_gates_reference(a, b, A_log, dt_bias, 2.0)
+    assert rel_err(g, -A_log.exp() * torch.log1p(torch.exp(a + dt_bias))) < 1e-12
+    assert rel_err(beta, 2 / (1 + torch.exp(-b))) < 1e-12
 
 
 # Rotary ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Fused training parts as Triton kernels, each beside a plain PyTorch reference: RMSNorm with the residual
-add, SwiGLU, rotary embeddings and GLA's log-sigmoid decay; and the one switch that decides whether the layers use
+add, SwiGLU, rotary embeddings, GLA's log-sigmoid decay and Gated DeltaNet's gates; and the one switch that decides whether the layers use
 them.
 
 Every kernel function takes `backend="auto" | "reference" | "triton"`: "auto" runs the Triton kernel on CUDA
@@ -25,6 +25,7 @@ import torch
 
 from effarch.ops.fused.reference import (
     apply_rotary_reference,
+    delta_gates_reference,
     gated_rms_norm_reference,
     log_sigmoid_decay_reference,
     rms_norm_reference,
@@ -44,6 +45,7 @@ _LAZY = {
     "rms_norm": "effarch.ops.fused.norm",
     "gated_rms_norm": "effarch.ops.fused.gated_norm",
     "log_sigmoid_decay": "effarch.ops.fused.decay",
+    "delta_gates": "effarch.ops.fused.delta_gates",
     "swiglu": "effarch.ops.fused.glu",
     "swiglu_packed": "effarch.ops.fused.glu",
     "apply_rotary": "effarch.ops.fused.rotary",
@@ -167,6 +169,8 @@ __all__ = [
     "gated_rms_norm_reference",
     "log_sigmoid_decay",
     "log_sigmoid_decay_reference",
+    "delta_gates",
+    "delta_gates_reference",
     "rms_norm",
     "rms_norm_reference",
     "swiglu",

@@ -9,6 +9,8 @@ Gated per-head RMSNorm (the output stage of GLA, DeltaNet, Gated DeltaNet):
     y = norm(o) * weight * act(gate),   act = silu or sigmoid
 Log-sigmoid decay (GLA's per-key gate, arXiv 2312.06635), from a 16-bit pre-activation to a float32 log decay:
     y = logsigmoid(x) / normalizer
+Gated DeltaNet's gates (arXiv 2412.06464), from per-head pre-activations a, b and parameters A_log, dt_bias [H]:
+    g = -exp(A_log) * softplus(a + dt_bias),   beta = beta_scale * sigmoid(b)   (float32)
 Rotary embedding (RoFormer, arXiv 2104.09864), rotate-half convention, x = (x1, x2) split in halves:
     y = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
 """
@@ -59,6 +61,16 @@ def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def log_sigmoid_decay_reference(x: torch.Tensor, normalizer: float) -> torch.Tensor:
     """logsigmoid(x) / normalizer in (at least) float32."""
     return torch.nn.functional.logsigmoid(x.to(torch.promote_types(x.dtype, torch.float32))) / normalizer
+
+
+def delta_gates_reference(
+    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, beta) in (at least) float32."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    g = -torch.exp(A_log.to(acc)) * torch.nn.functional.softplus(a.to(acc) + dt_bias.to(acc))
+    beta = torch.sigmoid(b.to(acc))
+    return g, (beta_scale * beta if beta_scale != 1 else beta)
 
 
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

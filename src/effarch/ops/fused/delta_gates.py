@@ -1,0 +1,160 @@
+"""Gated DeltaNet's two gates from their projections in one Triton pass each way, as torch.library custom ops
+("Gated Delta Networks: Improving Mamba2 with Delta Rule", arXiv 2412.06464):
+
+    g = -exp(A_log) * softplus(a + dt_bias)     (the log decay, float32)
+    beta = beta_scale * sigmoid(b)               (the update strength, float32; beta_scale 2 allows negative
+                                                  eigenvalues)
+
+a, b [..., H] are a token's per-head pre-activations, A_log and dt_bias [H] parameters. In PyTorch these are
+about nine launches forward and a dozen backward on tensors of only tokens x heads elements (196K at 32K tokens
+and 6 heads), so their cost is the launches themselves: some 500 of a 24-layer model's training step. Here the
+forward is one launch; the backward one, plus the sum of the per-program partial gradients of A_log and dt_bias
+and their cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from effarch.ops.fused import empty_like, use_triton
+from effarch.ops.fused.reference import delta_gates_reference
+
+ELEMENTS = 4096  # elements (rows x padded heads) per program
+
+
+@triton.jit
+def _softplus(x):
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(z) as z - z^2 / 2 where 1 + z would round to 1
+    z = tl.exp(-tl.abs(x))
+    return tl.maximum(x, 0.0) + tl.where(z < 1e-4, z - 0.5 * z * z, tl.log(1.0 + z))
+
+
+@triton.jit
+def _gates_fwd(A, B, A_LOG, DT_BIAS, G, BETA, N, H, beta_scale, ROWS: tl.constexpr, BH: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BH)
+    cm = cols < H
+    m = (rows < N)[:, None] & cm[None, :]
+    off = rows[:, None] * H + cols[None, :]
+    neg_a = -tl.exp(tl.load(A_LOG + cols, mask=cm, other=0.0).to(tl.float32))
+    bias = tl.load(DT_BIAS + cols, mask=cm, other=0.0).to(tl.float32)
+    a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(G + off, neg_a[None, :] * _softplus(a + bias[None, :]), mask=m)
+    tl.store(BETA + off, beta_scale * tl.sigmoid(b), mask=m)
+
+
+@triton.jit
+def _gates_bwd(A, B, A_LOG, DT_BIAS, DG, DBETA, DA, DB, PART, N, H, beta_scale, HAS_DG: tl.constexpr,
+               HAS_DBETA: tl.constexpr, ROWS: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BH)
+    cm = cols < H
+    m = (rows < N)[:, None] & cm[None, :]
+    off = rows[:, None] * H + cols[None, :]
+    d_neg_a = tl.zeros([BH], dtype=tl.float32)
+    d_bias = tl.zeros([BH], dtype=tl.float32)
+    if HAS_DG:
+        neg_a = -tl.exp(tl.load(A_LOG + cols, mask=cm, other=0.0).to(tl.float32))
+        bias = tl.load(DT_BIAS + cols, mask=cm, other=0.0).to(tl.float32)
+        x = tl.load(A + off, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+        dg = tl.load(DG + off, mask=m, other=0.0).to(tl.float32)
+        dx = dg * neg_a[None, :] * tl.sigmoid(x)  # d softplus(x) / dx = sigmoid(x)
+        tl.store(DA + off, dx.to(DA.dtype.element_ty), mask=m)
+        d_bias = tl.sum(dx, axis=0)
+        d_neg_a = tl.sum(dg * neg_a[None, :] * _softplus(x), axis=0)  # d g / d A_log = g
+    else:
+        tl.store(DA + off, tl.zeros([ROWS, BH], dtype=tl.float32).to(DA.dtype.element_ty), mask=m)
+    if HAS_DBETA:
+        s = tl.sigmoid(tl.load(B + off, mask=m, other=0.0).to(tl.float32))
+        dbeta = tl.load(DBETA + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(DB + off, (dbeta * beta_scale * s * (1.0 - s)).to(DB.dtype.element_ty), mask=m)
+    else:
+        tl.store(DB + off, tl.zeros([ROWS, BH], dtype=tl.float32).to(DB.dtype.element_ty), mask=m)
+    tl.store(PART + pid * 2 * H + cols, d_neg_a, mask=cm)
+    tl.store(PART + pid * 2 * H + H + cols, d_bias, mask=cm)
+
+
+def _tile(H: int) -> tuple[int, int]:
+    bh = triton.next_power_of_2(H)
+    return max(1, ELEMENTS // bh), bh
+
+
+@torch.library.custom_op("effarch::fused_delta_gates_fwd", mutates_args=())
+def _fwd_op(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: float) -> tuple[Tensor, Tensor]:
+    """a, b [N, H] contiguous, A_log, dt_bias [H] -> (g, beta) [N, H] float32."""
+    N, H = a.shape
+    g = empty_like(a, dtype=torch.float32)
+    beta = empty_like(b, dtype=torch.float32)
+    rows, bh = _tile(H)
+    if N:
+        _gates_fwd[(triton.cdiv(N, rows),)](a, b, A_log, dt_bias, g, beta, N, H, beta_scale, ROWS=rows, BH=bh)
+    return g, beta
+
+
+@_fwd_op.register_fake
+def _(a, b, A_log, dt_bias, beta_scale):
+    return a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("effarch::fused_delta_gates_bwd", mutates_args=())
+def _bwd_op(
+    a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, dg: Tensor | None, dbeta: Tensor | None, beta_scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (da, db [N, H] in a's and b's dtypes, [dA_log; ddt_bias] [2, H] float32)."""
+    N, H = a.shape
+    da, db = empty_like(a), empty_like(b)
+    rows, bh = _tile(H)
+    n_prog = triton.cdiv(N, rows)
+    part = torch.empty(n_prog, 2, H, dtype=torch.float32, device=a.device)
+    if N:
+        _gates_bwd[(n_prog,)](a, b, A_log, dt_bias, dg, dbeta, da, db, part, N, H, beta_scale, HAS_DG=dg is not None,
+                              HAS_DBETA=dbeta is not None, ROWS=rows, BH=bh)  # fmt: skip
+    # (dA_log, ddt_bias) as rows of one [2, H] float32 tensor: d g / d A_log = g, so dA_log sums dg * g
+    return da, db, part.sum(0) if N else torch.zeros(2, H, device=a.device)
+
+
+@_bwd_op.register_fake
+def _(a, b, A_log, dt_bias, dg, dbeta, beta_scale):
+    return torch.empty_like(a), torch.empty_like(b), a.new_empty(2, a.shape[1], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    a, b, A_log, dt_bias, beta_scale = inputs
+    ctx.save_for_backward(a, b, A_log, dt_bias)
+    ctx.beta_scale = beta_scale
+    ctx.set_materialize_grads(False)  # a gate without a gradient is skipped in the kernel, not zero-filled
+
+
+def _backward(ctx, dg, dbeta):
+    a, b, A_log, dt_bias = ctx.saved_tensors
+    dg = dg.contiguous() if dg is not None else None
+    dbeta = dbeta.contiguous() if dbeta is not None else None
+    da, db, sums = _bwd_op(a, b, A_log, dt_bias, dg, dbeta, ctx.beta_scale)
+    if A_log.dtype == dt_bias.dtype:  # one cast for the pair
+        sums = sums.to(A_log.dtype)
+    return da, db, sums[0].to(A_log.dtype), sums[1].to(dt_bias.dtype), None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+def delta_gates(
+    a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: float = 1.0, *, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """(g, beta) of Gated DeltaNet from a, b [..., H] and A_log, dt_bias [H]; see the module."""
+    H = a.shape[-1]
+    if b.shape != a.shape or A_log.shape != (H,) or dt_bias.shape != (H,):
+        raise ValueError(
+            f"delta_gates: a and b must share a shape [..., H] and A_log, dt_bias be [H]; got a {tuple(a.shape)}, "
+            f"b {tuple(b.shape)}, A_log {tuple(A_log.shape)}, dt_bias {tuple(dt_bias.shape)}"
+        )
+    if not use_triton(backend, a, b, A_log, dt_bias) or a.numel() == 0:
+        return delta_gates_reference(a, b, A_log, dt_bias, beta_scale)
+    shape = a.shape
+    g, beta = _fwd_op(a.reshape(-1, H).contiguous(), b.reshape(-1, H).contiguous(), A_log, dt_bias, float(beta_scale))
+    return g.reshape(shape), beta.reshape(shape)
