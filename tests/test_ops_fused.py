@@ -237,7 +237,7 @@ def test_log_sigmoid_decay_reference_is_the_definition():
 @pytest.mark.parametrize("beta_scale", [1.0, 2.0])
 def test_delta_gates_match_reference(shape, beta_scale):
     """Pre-activations from -40 to 40 (softplus's exp far below float32's epsilon at the ends), several programs
-    (1,400 rows of 6 heads: 3 programs), heads not a power of two: values and the gradients of a, b, A_log and dt_bias (the last
+    (1,400 rows of 6 heads: 11 programs), heads not a power of two: values and the gradients of a, b, A_log and dt_bias (the last
     two summed over every row's program)."""
     H = shape[-1]
     a = (_randn(*shape, seed=0, grad=False) * 15).requires_grad_()
