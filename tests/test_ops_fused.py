@@ -428,3 +428,16 @@ def test_bfloat16_on_cuda():
         rel_err(apply_rotary(q.bfloat16(), ang.cos(), ang.sin()), apply_rotary_reference(q, ang.cos(), ang.sin()))
         < 1e-2
     )
+
+
+def test_host_grid_arithmetic_is_tritons():
+    """effarch.ops.grid's plain-Python cdiv and next_power_of_2 (the kernels' launch sizes) agree with Triton's."""
+    import triton
+
+    from effarch.ops.grid import cdiv, next_power_of_2
+
+    for n in range(1, 3000):
+        assert next_power_of_2(n) == triton.next_power_of_2(n)
+        for d in (1, 7, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d)
+    assert cdiv(0, 64) == 0

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effarch.ops.grid import cdiv
+
 POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
 BT, BC = 64, 64  # tokens and channels per program
 MAX_WIDTH = 8
@@ -126,7 +128,7 @@ def conv_dx_kernel(dz, w, start, dx, T, C: tl.constexpr, W: tl.constexpr, BTk: t
 
 def _launch_args(x: Tensor, bias: Tensor | None, start: Tensor | None):
     B, T, C = x.shape
-    grid = (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
+    grid = (cdiv(T, BT), cdiv(C, BC), B)
     return grid, (x if bias is None else bias), (x if start is None else start)
 
 
@@ -154,7 +156,7 @@ def conv_bwd_op(
     W = weight.shape[1]
     grid, b, st = _launch_args(x, bias, start)
     dz_bt, dz_bc = DZ_TILE or (BT, BC)
-    dz_grid = (triton.cdiv(T, dz_bt), triton.cdiv(C, dz_bc), B)
+    dz_grid = (cdiv(T, dz_bt), cdiv(C, dz_bc), B)
     nblk = dz_grid[0] * B  # token blocks of the dz pass, each writing its share of dw and db
     dx = _empty(B, T, C, dtype=x.dtype, device=x.device)
     dwp = _empty(nblk, C, W, dtype=torch.float32, device=x.device)

@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from effarch.ops.fused import empty_like
+from effarch.ops.grid import next_power_of_2
 
 BLOCK = 4096  # vocabulary entries per step of a row
 WARPS = 8
@@ -58,7 +59,7 @@ def ce_rows_(logits: Tensor, targets: Tensor, scale: Tensor | None) -> Tensor:
         raise ValueError("ce_rows_: logits need unit column stride")
     loss = empty_like(logits, dtype=torch.float32, shape=(C,))
     if C:
-        block = min(BLOCK, triton.next_power_of_2(max(V, 1)))
+        block = min(BLOCK, next_power_of_2(max(V, 1)))
         _ce_rows_kernel[(C,)](
             logits, targets.contiguous(), loss if scale is None else scale.contiguous(), loss, V, logits.stride(0),
             BLOCK=block, WRITE_GRAD=scale is not None, num_warps=WARPS,

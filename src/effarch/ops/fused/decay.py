@@ -16,6 +16,7 @@ from torch import Tensor
 
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import log_sigmoid_decay_reference
+from effarch.ops.grid import cdiv
 
 BLOCK = 2048  # elements per program
 
@@ -50,7 +51,7 @@ def _fwd_op(x: Tensor, normalizer: float) -> Tensor:
     y = empty_like(x, dtype=torch.float32)
     n = x.numel()
     if n:
-        _decay_fwd[(triton.cdiv(n, BLOCK),)](x, y, n, normalizer, BLOCK=BLOCK)
+        _decay_fwd[(cdiv(n, BLOCK),)](x, y, n, normalizer, BLOCK=BLOCK)
     return y
 
 
@@ -64,7 +65,7 @@ def _bwd_op(x: Tensor, dy: Tensor, normalizer: float) -> Tensor:
     dx = empty_like(x)
     n = x.numel()
     if n:
-        _decay_bwd[(triton.cdiv(n, BLOCK),)](x, dy, dx, n, normalizer, BLOCK=BLOCK)
+        _decay_bwd[(cdiv(n, BLOCK),)](x, dy, dx, n, normalizer, BLOCK=BLOCK)
     return dx
 
 

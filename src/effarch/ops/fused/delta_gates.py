@@ -21,6 +21,7 @@ from torch import Tensor
 
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import delta_gates_reference
+from effarch.ops.grid import cdiv, next_power_of_2
 
 ELEMENTS = 1024  # elements (rows x padded heads) per program: at 4096 the sm_90 backward spilled (4 warps)
 
@@ -80,7 +81,7 @@ def _gates_bwd(A, B, A_LOG, DT_BIAS, DG, DBETA, DA, DB, PART, N, H, beta_scale, 
 
 
 def _tile(H: int) -> tuple[int, int]:
-    bh = triton.next_power_of_2(H)
+    bh = next_power_of_2(H)
     return max(1, ELEMENTS // bh), bh
 
 
@@ -92,7 +93,7 @@ def _fwd_op(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: fl
     beta = empty_like(b, dtype=torch.float32)
     rows, bh = _tile(H)
     if N:
-        _gates_fwd[(triton.cdiv(N, rows),)](a, b, A_log, dt_bias, g, beta, N, H, beta_scale, ROWS=rows, BH=bh)
+        _gates_fwd[(cdiv(N, rows),)](a, b, A_log, dt_bias, g, beta, N, H, beta_scale, ROWS=rows, BH=bh)
     return g, beta
 
 
@@ -109,7 +110,7 @@ def _bwd_op(
     N, H = a.shape
     da, db = empty_like(a), empty_like(b)
     rows, bh = _tile(H)
-    n_prog = triton.cdiv(N, rows)
+    n_prog = cdiv(N, rows)
     part = torch.empty(n_prog, 2, H, dtype=torch.float32, device=a.device)
     if N:
         _gates_bwd[(n_prog,)](a, b, A_log, dt_bias, dg, dbeta, da, db, part, N, H, beta_scale, HAS_DG=dg is not None,

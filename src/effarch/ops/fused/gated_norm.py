@@ -21,6 +21,7 @@ from torch import Tensor
 
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import gated_rms_norm_reference
+from effarch.ops.grid import cdiv, next_power_of_2
 
 MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
@@ -112,10 +113,10 @@ def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gat
     N, D = o.shape
     y = empty_like(o)
     rstd = empty_like(o[:, 0], dtype=torch.float32)
-    block = triton.next_power_of_2(D)
+    block = next_power_of_2(D)
     rows = _rows(block)
     if N:
-        _gated_fwd[(triton.cdiv(N, rows),)](o, gate, weight, y, rstd, N, D, eps, SILU=silu, GATE_FIRST=gate_first,
+        _gated_fwd[(cdiv(N, rows),)](o, gate, weight, y, rstd, N, D, eps, SILU=silu, GATE_FIRST=gate_first,
                                             ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
     return y, rstd
 
@@ -133,11 +134,11 @@ def _bwd_op(
     N, D = o.shape
     do = empty_like(o)
     dg = empty_like(gate)
-    block = triton.next_power_of_2(D)
+    block = next_power_of_2(D)
     rows = _rows(block)
-    n_prog = max(1, min(triton.cdiv(N, rows), BWD_PROGRAMS))
-    per = triton.cdiv(triton.cdiv(N, n_prog), rows) * rows if N else rows  # rows per program, a multiple of ROWS
-    n_prog = triton.cdiv(N, per) if N else 0
+    n_prog = max(1, min(cdiv(N, rows), BWD_PROGRAMS))
+    per = cdiv(cdiv(N, n_prog), rows) * rows if N else rows  # rows per program, a multiple of ROWS
+    n_prog = cdiv(N, per) if N else 0
     dw_part = torch.empty(max(n_prog, 1), D, dtype=torch.float32, device=o.device)
     if N:
         _gated_bwd[(n_prog,)](o, gate, weight, rstd, dy, do, dg, dw_part, N, D, per, SILU=silu, GATE_FIRST=gate_first,

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import swiglu_reference
+from effarch.ops.grid import cdiv, next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -51,8 +52,8 @@ MAX_BLOCK = 1024  # channels per program
 
 
 def _grid(N: int, H: int) -> tuple[tuple[int, int], int]:
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(H, 1)))
-    return (N, triton.cdiv(H, block)), block
+    block = min(MAX_BLOCK, next_power_of_2(max(H, 1)))
+    return (N, cdiv(H, block)), block
 
 
 def _launch_fwd(a: Tensor, b: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import rms_norm_reference
+from effarch.ops.grid import cdiv, next_power_of_2
 
 MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
@@ -116,10 +117,10 @@ def _fwd_op(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: floa
     y = empty_like(x)
     s = empty_like(residual) if residual is not None else None
     rstd = empty_like(x[:, 0], dtype=torch.float32)
-    block = triton.next_power_of_2(D)
+    block = next_power_of_2(D)
     rows = _rows_per_program(FWD_TILE, block)
     if N:
-        _rms_fwd[(triton.cdiv(N, rows),)](x, residual, weight, y, s, rstd, N, D, eps, HAS_RES=residual is not None,
+        _rms_fwd[(cdiv(N, rows),)](x, residual, weight, y, s, rstd, N, D, eps, HAS_RES=residual is not None,
                                          HAS_W=weight is not None, BLOCK=block, ROWS=rows,
                                          num_warps=_num_warps(rows * block))  # fmt: skip
     return y, (s if s is not None else _none(x)), rstd
@@ -140,11 +141,11 @@ def _bwd_op(
     N, D = s.shape
     dx = empty_like(s, dtype=dy.dtype)
     dr = empty_like(s) if want_dr else None
-    block = triton.next_power_of_2(D)
+    block = next_power_of_2(D)
     tile_rows = _rows_per_program(BWD_TILE, block)
     n_prog = max(1, min(N, BWD_PROGRAMS))
-    rows = triton.cdiv(N, n_prog) if N else 0
-    n_prog = triton.cdiv(N, rows) if N else 0
+    rows = cdiv(N, n_prog) if N else 0
+    n_prog = cdiv(N, rows) if N else 0
     dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if weight is not None else None
     if N:
         _rms_bwd[(n_prog,)](s, weight, rstd, dy, ds_in, dx, dr, dw_part, N, D, rows, HAS_DS_IN=ds_in is not None,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import apply_rotary_reference
+from effarch.ops.grid import next_power_of_2
 
 if HAS_TRITON:
     import triton
@@ -53,8 +54,8 @@ def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
         # A [T, D/2] table is read with batch stride 0.
         stride_cb, stride_ct = (cos.stride(0), cos.stride(1)) if cos.dim() == 3 else (0, cos.stride(0))
         _rotate[(B * T,)](x, cos, sin, y, T, H, D // 2, x.stride(0), x.stride(1), x.stride(2), stride_cb, stride_ct,
-                          SIGN=sign, BLOCK_H=triton.next_power_of_2(H),
-                          BLOCK_HALF=triton.next_power_of_2(D // 2))  # fmt: skip
+                          SIGN=sign, BLOCK_H=next_power_of_2(H),
+                          BLOCK_HALF=next_power_of_2(D // 2))  # fmt: skip
     return y
 
 

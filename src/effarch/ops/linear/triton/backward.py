@@ -14,8 +14,8 @@ formed inside the chunk kernel.
 from __future__ import annotations
 
 import torch
-import triton
 
+from effarch.ops.grid import cdiv
 from effarch.ops.linear.triton import bwd_kernels, launch
 from effarch.ops.linear.triton.launch import (
     SUBBLOCK,
@@ -139,7 +139,7 @@ def additive_decay_grad(x, hT, dhT, per_key: bool, table: ChunkTable, dense_len:
         D = x.shape[2] if per_key else 1
         dg = _empty(*x.shape, dtype=torch.float32, device=x.device)
         BD = min(_pow2(D), DECAY_SUFFIX_BD)
-        bwd_kernels.suffix_sum_kernel[(triton.cdiv(D, BD), table.n_seqs * H)](
+        bwd_kernels.suffix_sum_kernel[(cdiv(D, BD), table.n_seqs * H)](
             x.contiguous(), x if end is None else end.contiguous(), dg, table.cu, table.seq_chunk, H, D, chunk, BD,
             end is not None, num_warps=DECAY_SUFFIX_WARPS,
         )  # fmt: skip
@@ -204,7 +204,7 @@ def chunk_backward(
 
     def dv_local(out, dh, add_state, dots):
         BVl = min(_pow2(V), 64)
-        bwd_kernels.dv_local_kernel[(triton.cdiv(V, BVl), NT, H)](
+        bwd_kernels.dv_local_kernel[(cdiv(V, BVl), NT, H)](
             q, k, dummy if p.G is None else p.G, dummy if A is None else A, dummy if dh is None else dh, do, out,
             table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots, min(BK, 64),
             num_warps=launch.DV_LOCAL_WARPS,
@@ -230,7 +230,7 @@ def chunk_backward(
         BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
         if delta and state_dtc in (0, 4):
             BVs = min(BVs, DELTA_STATE_BWD_BV)
-    bwd_kernels.state_bwd_kernel[(triton.cdiv(V, BVs), triton.cdiv(K, BKs), N * H)](
+    bwd_kernels.state_bwd_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
         q if dU is None else dU, D, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
         dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else 8, num_stages=2,
@@ -247,7 +247,7 @@ def chunk_backward(
     # native 16-bit products (DTC 1, 2): there the split gave wrong dk for the delta rule on an H200 with Triton 3.6.
     dqk_dtc = 4 if (half and delta and DELTA_DQK_DOTS == "tf32") else local_dtc
     BKq = BK if dqk_dtc in (1, 2) else min(BK, 64)
-    NKq = triton.cdiv(K, BKq)
+    NKq = cdiv(K, BKq)
     dgx = f32(NKq, T, H) if gk == 1 else None
     dA = f32(T, H, chunk) if gk == 2 else None
     later = f32(NT, H, K) if from_states and gk == 2 else None  # the later chunks' share, per key
@@ -277,7 +277,7 @@ def chunk_backward(
             f32(T, H, K),
         )
         BKi = BK if launch.GLA_INTRA_BWD_BK == 0 else min(BK, launch.GLA_INTRA_BWD_BK)
-        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H, triton.cdiv(K, BKi))](
+        bwd_kernels.gla_intra_bwd_kernel[(NT * (chunk // SUBBLOCK), H, cdiv(K, BKi))](
             q, k, p.G, dA, dq, dk, dqo, dko, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, SUBBLOCK, BKi,
             local_dtc, num_warps=launch.GLA_INTRA_BWD_WARPS,
         )  # fmt: skip
@@ -285,7 +285,7 @@ def chunk_backward(
     if from_states:  # scalar decay: dq / dk's kernel wrote the decay gradient itself
         if gk == 2:  # each chunk's reverse cumsum plus the later chunks' share, in place
             BD = min(BK, 32)
-            bwd_kernels.chunk_suffix_kernel[(triton.cdiv(K, BD), NT, H)](
+            bwd_kernels.chunk_suffix_kernel[(cdiv(K, BD), NT, H)](
                 dgx, later, dgx, table.chunk_tok, table.chunk_eos, H, K, chunk, BD
             )  # fmt: skip
         dg = dgx

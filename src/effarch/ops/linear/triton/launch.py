@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
+from effarch.ops.grid import cdiv, next_power_of_2
 from effarch.ops.linear.triton import fwd_kernels, recurrent_kernel
 from effarch.ops.linear.triton.layout import ChunkTable
 
@@ -83,7 +83,7 @@ def _empty_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 STATE_PROGRAMS = 512  # the sequential state passes split the state into blocks until about this many programs run
@@ -97,7 +97,7 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
     (relative error 0.3, and an illegal memory access for the gated delta rule) where the products were bf16:
     the rule without decay and the delta rule; the delta rule also needs every key row in one program."""
     BK, BV = _pow2(K), min(_pow2(V), 32)
-    count = lambda: n_heads * triton.cdiv(V, BV) * triton.cdiv(K, BK)  # noqa: E731
+    count = lambda: n_heads * cdiv(V, BV) * cdiv(K, BK)  # noqa: E731
     while split and BK > 32 and count() < STATE_PROGRAMS:
         BK //= 2
     while split and BV > 16 and count() < STATE_PROGRAMS:
@@ -178,7 +178,7 @@ def scan_blocks(K: int, V: int, n_heads: int) -> tuple[int, int]:
     """(BK, BV) blocks of the two-phase additive pass, which takes no products: any block is right, so the state
     is cut into blocks of at most 1024 entries, and finer (down to 16 x 16) while fewer than SCAN_PROGRAMS run."""
     BK, BV = _pow2(K), min(_pow2(V), 64)
-    count = lambda: n_heads * triton.cdiv(V, BV) * triton.cdiv(K, BK)  # noqa: E731
+    count = lambda: n_heads * cdiv(V, BV) * cdiv(K, BK)  # noqa: E731
     while BK > 16 and (BK * BV > 1024 or count() < SCAN_PROGRAMS):
         BK //= 2
     while BV > 16 and count() < SCAN_PROGRAMS:
@@ -193,8 +193,8 @@ def chunk_terms(a, b, G, out, table: ChunkTable, chunk: int, scale: float, *, re
     _, H, K = a.shape
     V = b.shape[-1]
     BK, BV = min(_pow2(K), 64), min(_pow2(V), 64)
-    nkb = triton.cdiv(K, BK)
-    fwd_kernels.chunk_outer_kernel[(table.n_chunks, nkb * triton.cdiv(V, BV), H)](
+    nkb = cdiv(K, BK)
+    fwd_kernels.chunk_outer_kernel[(table.n_chunks, nkb * cdiv(V, BV), H)](
         a, b, a if G is None else G, out, table.chunk_tok, table.chunk_eos, scale,
         H, K, V, chunk, BK, BV, nkb, gkind(G), reverse, dtc, num_warps=4,
     )  # fmt: skip
@@ -287,7 +287,7 @@ def forward_pieces(
         BKs, BV = scan_blocks(K, V, N * H)
     else:
         BKs, BV = state_blocks(K, V, N * H, split=g is not None and not delta)
-    fwd_kernels.state_fwd_kernel[(triton.cdiv(V, BV), triton.cdiv(K, BKs), N * H)](
+    fwd_kernels.state_fwd_kernel[(cdiv(V, BV), cdiv(K, BKs), N * H)](
         k, v, dummy if W is None else W, dummy if U is None else U, dummy if G is None else G, h,
         dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew, D,
         table.cu, table.seq_chunk, H, K, V, chunk, BKs, BV, gkind(g), delta, h0 is not None, store_final, dtc,
@@ -334,7 +334,7 @@ def chunk_forward(
     A = gla_scores(q, k, p.G, table, chunk) if g is not None and g.dim() == 3 else None
     o = _empty_like(v)
     BV = min(_pow2(V), 64)
-    fwd_kernels.out_fwd_kernel[(triton.cdiv(V, BV), NT, H)](
+    fwd_kernels.out_fwd_kernel[(cdiv(V, BV), NT, H)](
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
         table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=OUT_FWD_WARPS,
     )  # fmt: skip
@@ -361,7 +361,7 @@ def recurrent_forward(
     o = _empty_like(v)
     BK = _pow2(K)
     BV = min(_pow2(V), 32 if BK > 64 else 64)
-    recurrent_kernel.recurrent_kernel[(triton.cdiv(V, BV), N * H)](
+    recurrent_kernel.recurrent_kernel[(cdiv(V, BV), N * H)](
         q, k, v, q if g is None else g, q if beta is None else beta, state, state, o, cu, scale,
         H, K, V, BK, BV, gkind(g), delta, True, num_warps=4,
     )  # fmt: skip

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 from torch import Tensor
 
+from effarch.ops.grid import cdiv, next_power_of_2
 from effarch.ops.scan.checks import check_scan_inputs
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.triton import KERNEL_DTYPES, MAX_N, kernels
@@ -38,7 +38,7 @@ def _n_chunks(T: int, n_seq: int, dense_len: int, chunk: int) -> int:
     """Room for every sequence's chunk-start states: exact for a dense batch, an upper bound (no host sync)
     for packed sequences, since sum ceil(L_i / C) <= T / C + NS."""
     if dense_len > 0:
-        return n_seq * triton.cdiv(dense_len, chunk)
+        return n_seq * cdiv(dense_len, chunk)
     return T // chunk + n_seq
 
 
@@ -51,10 +51,10 @@ def _seq_chunk(cu: Tensor, chunk: int) -> Tensor:
 def _block_d(n_seq: int, G: int, DG: int, N: int, device: torch.device) -> int:
     """Channels per program: as many as fit (fewer programs re-reading B and C, fewer dB/dC partials) while
     the grid still has about two programs per streaming multiprocessor to keep the GPU busy."""
-    bn = triton.next_power_of_2(N)
-    bd = min(MAX_BLOCK_D, triton.next_power_of_2(DG), max(1, MAX_BLOCK_STATE // bn))
+    bn = next_power_of_2(N)
+    bd = min(MAX_BLOCK_D, next_power_of_2(DG), max(1, MAX_BLOCK_STATE // bn))
     target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    while bd > 8 and n_seq * G * triton.cdiv(DG, bd) < target:
+    while bd > 8 and n_seq * G * cdiv(DG, bd) < target:
         bd //= 2
     return bd
 
@@ -81,9 +81,9 @@ def _launch_shape(x: Tensor, A: Tensor, B: Tensor, cu: Tensor, per_thread: int) 
     n_seq, (_, D), (_, G, N) = cu.numel() - 1, x.shape, B.shape
     DG = D // G
     BD = _block_d(n_seq, G, DG, N, x.device)
-    BN = triton.next_power_of_2(N)
+    BN = next_power_of_2(N)
     warps = max(1, min(8, BD * BN // (32 * per_thread)))
-    return n_seq, D, N, G, DG, triton.cdiv(DG, BD), BD, BN, warps
+    return n_seq, D, N, G, DG, cdiv(DG, BD), BD, BN, warps
 
 
 @torch.library.custom_op("effarch::selective_scan_fwd", mutates_args=())
