@@ -25,7 +25,10 @@ pytest.importorskip("triton")
 from effarch import build_model  # noqa: E402
 from effarch.compile import compile_model  # noqa: E402
 from effarch.models.presets import preset_config  # noqa: E402
-from effarch.ops import fused  # noqa: E402
+from effarch.ops import (
+    custom_op,  # noqa: E402
+    fused,  # noqa: E402
+)
 
 DEV = "cuda" if CUDA else "cpu"
 FORCE = True if CUDA else "force"  # on CUDA the ordinary switch suffices
@@ -48,17 +51,41 @@ def _restore_switch():
 
 
 class _RecordOps(TorchDispatchMode):
-    """Names of the fused custom ops (effarch::fused_*) that run inside the block."""
+    """Names of the fused kernels (effarch::fused_*) that run inside the block: called directly in eager mode
+    (effarch.ops.custom_op) or dispatched as custom ops (compiled code)."""
 
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
+        self._patched = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "effarch" and func.__name__.startswith("fused_"):  # not the linear-recurrence ops
-            name = func.__name__.split(".")[0]
+    def _record(self, name: str, args) -> None:
+        name = name.split("::")[-1].split(".")[0]
+        if name.startswith("fused_"):  # not the linear-recurrence ops
             with_residual = name == "fused_rms_norm_fwd" and args[2] is not None
             self.names.add(name + ("+residual" if with_residual else ""))
+
+    def __enter__(self):
+        for cls in (custom_op.KernelCall, custom_op.DifferentiableKernelCall):
+            call = cls.__dict__["__call__"]
+
+            def spy(kernel, *args, _call=call):
+                if not torch.compiler.is_compiling():
+                    self._record(kernel.name, args)
+                return _call(kernel, *args)
+
+            self._patched.append((cls, call))
+            cls.__call__ = spy
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, call in self._patched:
+            cls.__call__ = call
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "effarch":
+            self._record(func.__name__, args)
         return func(*args, **(kwargs or {}))
 
 

@@ -165,8 +165,8 @@ def test_bfloat16_inputs(monkeypatch):
 def test_half_inputs_without_gradients_save_no_states(monkeypatch):
     """float16 forward without autograd: no chunk states are written (save_states off), same result."""
     calls = []
-    op = ops.scan_fwd_op
-    monkeypatch.setattr(ops, "scan_fwd_op", lambda *a: calls.append(a[-1]) or op(*a))
+    op = ops.scan_fwd_op_call
+    monkeypatch.setattr(ops, "scan_fwd_op_call", lambda *a: calls.append(a[-1]) or op(*a))
     inputs = make(T=18, dtype=torch.float16, seed=7)
     with torch.no_grad():
         y, f = selective_scan_triton(**inputs, output_final_state=True)

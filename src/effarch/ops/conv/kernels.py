@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.grid import cdiv
 
 POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
@@ -132,8 +133,7 @@ def _launch_args(x: Tensor, bias: Tensor | None, start: Tensor | None):
     return grid, (x if bias is None else bias), (x if start is None else start)
 
 
-@torch.library.custom_op("effarch::causal_conv1d_fwd", mutates_args=())
-def conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None, act: bool) -> Tensor:
+def conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None, act: bool) -> Tensor:
     """x [B, T, C] contiguous, weight [C, W] contiguous, bias [C] or None, start [T] int32 or None -> y [B, T, C]."""
     B, T, C = x.shape
     y = _empty(B, T, C, dtype=x.dtype, device=x.device)
@@ -142,13 +142,15 @@ def conv_fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | 
     return y
 
 
+conv_fwd_op = torch.library.custom_op("effarch::causal_conv1d_fwd", conv_fwd, mutates_args=())
+
+
 @conv_fwd_op.register_fake
 def _(x, weight, bias, start, act):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("effarch::causal_conv1d_bwd", mutates_args=())
-def conv_bwd_op(
+def conv_bwd(
     dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | None, act: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx [B, T, C], dw [C, W] in weight's dtype, db [C] in bias's dtype or an empty tensor)."""
@@ -171,6 +173,10 @@ def conv_bwd_op(
     return dx, dw, db
 
 
+conv_bwd_op = torch.library.custom_op("effarch::causal_conv1d_bwd", conv_bwd, mutates_args=())
+conv_bwd_op_call = KernelCall("effarch::causal_conv1d_bwd", conv_bwd_op, conv_bwd)
+
+
 @conv_bwd_op.register_fake
 def _(dy, x, weight, bias, start, act):
     return (
@@ -188,11 +194,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, weight, bias, start = ctx.saved_tensors
-    dx, dw, db = conv_bwd_op(dy.contiguous(), x, weight, bias, start, ctx.act)
+    dx, dw, db = conv_bwd_op_call(dy.contiguous(), x, weight, bias, start, ctx.act)
     return dx, dw, (db if bias is not None else None), None, None
 
 
-conv_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+conv_fwd_op_call = DifferentiableKernelCall(
+    "effarch::causal_conv1d_fwd", conv_fwd_op, conv_fwd, _setup_context, _backward
+)
 
 
 def triton_supports(x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None) -> bool:
@@ -217,4 +225,4 @@ def causal_conv1d_triton(
         cu = cu_seqlens.to(device=x.device, dtype=torch.long)
         doc = torch.searchsorted(cu[1:], torch.arange(T, device=x.device), right=True)
         start = cu[doc].to(torch.int32)
-    return conv_fwd_op(x.contiguous(), weight.contiguous(), bias, start, activation == "silu")
+    return conv_fwd_op_call(x.contiguous(), weight.contiguous(), bias, start, activation == "silu")

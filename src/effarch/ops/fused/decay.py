@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import log_sigmoid_decay_reference
 from effarch.ops.grid import cdiv
@@ -45,8 +46,7 @@ def _decay_bwd(X, DY, DX, n, normalizer, BLOCK: tl.constexpr):
     tl.store(DX + i, (dy * tl.sigmoid(-x) / normalizer).to(DX.dtype.element_ty), mask=m)
 
 
-@torch.library.custom_op("effarch::fused_log_sigmoid_decay_fwd", mutates_args=())
-def _fwd_op(x: Tensor, normalizer: float) -> Tensor:
+def _fwd(x: Tensor, normalizer: float) -> Tensor:
     """x contiguous -> logsigmoid(x) / normalizer, float32, x's shape."""
     y = empty_like(x, dtype=torch.float32)
     n = x.numel()
@@ -55,18 +55,24 @@ def _fwd_op(x: Tensor, normalizer: float) -> Tensor:
     return y
 
 
+_fwd_op = torch.library.custom_op("effarch::fused_log_sigmoid_decay_fwd", _fwd, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(x, normalizer):
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("effarch::fused_log_sigmoid_decay_bwd", mutates_args=())
-def _bwd_op(x: Tensor, dy: Tensor, normalizer: float) -> Tensor:
+def _bwd(x: Tensor, dy: Tensor, normalizer: float) -> Tensor:
     dx = empty_like(x)
     n = x.numel()
     if n:
         _decay_bwd[(cdiv(n, BLOCK),)](x, dy, dx, n, normalizer, BLOCK=BLOCK)
     return dx
+
+
+_bwd_op = torch.library.custom_op("effarch::fused_log_sigmoid_decay_bwd", _bwd, mutates_args=())
+_bwd_op_call = KernelCall("effarch::fused_log_sigmoid_decay_bwd", _bwd_op, _bwd)
 
 
 @_bwd_op.register_fake
@@ -81,10 +87,10 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     (x,) = ctx.saved_tensors
-    return _bwd_op(x, dy.contiguous(), ctx.normalizer), None
+    return _bwd_op_call(x, dy.contiguous(), ctx.normalizer), None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op_call = DifferentiableKernelCall("effarch::fused_log_sigmoid_decay_fwd", _fwd_op, _fwd, _setup, _backward)
 
 
 def log_sigmoid_decay(x: Tensor, normalizer: float = 1.0, *, backend: str = "auto") -> Tensor:
@@ -93,4 +99,4 @@ def log_sigmoid_decay(x: Tensor, normalizer: float = 1.0, *, backend: str = "aut
         raise ValueError("log_sigmoid_decay: normalizer must be nonzero")
     if not use_triton(backend, x) or x.numel() == 0:
         return log_sigmoid_decay_reference(x, normalizer)
-    return _fwd_op(x.contiguous(), float(normalizer))
+    return _fwd_op_call(x.contiguous(), float(normalizer))

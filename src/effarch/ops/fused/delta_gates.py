@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import delta_gates_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -85,8 +86,7 @@ def _tile(H: int) -> tuple[int, int]:
     return max(1, ELEMENTS // bh), bh
 
 
-@torch.library.custom_op("effarch::fused_delta_gates_fwd", mutates_args=())
-def _fwd_op(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: float) -> tuple[Tensor, Tensor]:
+def _fwd(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: float) -> tuple[Tensor, Tensor]:
     """a, b [N, H] contiguous, A_log, dt_bias [H] -> (g, beta) [N, H] float32."""
     N, H = a.shape
     g = empty_like(a, dtype=torch.float32)
@@ -97,13 +97,15 @@ def _fwd_op(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: fl
     return g, beta
 
 
+_fwd_op = torch.library.custom_op("effarch::fused_delta_gates_fwd", _fwd, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(a, b, A_log, dt_bias, beta_scale):
     return a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("effarch::fused_delta_gates_bwd", mutates_args=())
-def _bwd_op(
+def _bwd(
     a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, dg: Tensor | None, dbeta: Tensor | None, beta_scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (da, db [N, H] in a's and b's dtypes, [dA_log; ddt_bias] [2, H] float32)."""
@@ -117,6 +119,10 @@ def _bwd_op(
                               HAS_DBETA=dbeta is not None, ROWS=rows, BH=bh)  # fmt: skip
     # (dA_log, ddt_bias) as rows of one [2, H] float32 tensor: d g / d A_log = g, so dA_log sums dg * g
     return da, db, part.sum(0) if N else torch.zeros(2, H, device=a.device)
+
+
+_bwd_op = torch.library.custom_op("effarch::fused_delta_gates_bwd", _bwd, mutates_args=())
+_bwd_op_call = KernelCall("effarch::fused_delta_gates_bwd", _bwd_op, _bwd)
 
 
 @_bwd_op.register_fake
@@ -135,13 +141,13 @@ def _backward(ctx, dg, dbeta):
     a, b, A_log, dt_bias = ctx.saved_tensors
     dg = dg.contiguous() if dg is not None else None
     dbeta = dbeta.contiguous() if dbeta is not None else None
-    da, db, sums = _bwd_op(a, b, A_log, dt_bias, dg, dbeta, ctx.beta_scale)
+    da, db, sums = _bwd_op_call(a, b, A_log, dt_bias, dg, dbeta, ctx.beta_scale)
     if A_log.dtype == dt_bias.dtype:  # one cast for the pair
         sums = sums.to(A_log.dtype)
     return da, db, sums[0].to(A_log.dtype), sums[1].to(dt_bias.dtype), None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op_call = DifferentiableKernelCall("effarch::fused_delta_gates_fwd", _fwd_op, _fwd, _setup, _backward)
 
 
 def delta_gates(
@@ -157,5 +163,7 @@ def delta_gates(
     if not use_triton(backend, a, b, A_log, dt_bias) or a.numel() == 0:
         return delta_gates_reference(a, b, A_log, dt_bias, beta_scale)
     shape = a.shape
-    g, beta = _fwd_op(a.reshape(-1, H).contiguous(), b.reshape(-1, H).contiguous(), A_log, dt_bias, float(beta_scale))
+    g, beta = _fwd_op_call(
+        a.reshape(-1, H).contiguous(), b.reshape(-1, H).contiguous(), A_log, dt_bias, float(beta_scale)
+    )
     return g.reshape(shape), beta.reshape(shape)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import gated_rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -107,8 +108,7 @@ def _num_warps(block: int, rows: int) -> int:
     return min(8, max(1, block * rows // 512))
 
 
-@torch.library.custom_op("effarch::fused_gated_rms_norm_fwd", mutates_args=())
-def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gate_first: bool) -> tuple[Tensor, Tensor]:
+def _fwd(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gate_first: bool) -> tuple[Tensor, Tensor]:
     """o, gate [N, D] contiguous, weight [D] -> (y [N, D] in o's dtype, rstd [N] float32)."""
     N, D = o.shape
     y = empty_like(o)
@@ -121,13 +121,15 @@ def _fwd_op(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gat
     return y, rstd
 
 
+_fwd_op = torch.library.custom_op("effarch::fused_gated_rms_norm_fwd", _fwd, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(o, gate, weight, eps, silu, gate_first):
     return torch.empty_like(o), o.new_empty(o.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("effarch::fused_gated_rms_norm_bwd", mutates_args=())
-def _bwd_op(
+def _bwd(
     o: Tensor, gate: Tensor, weight: Tensor, rstd: Tensor, dy: Tensor, silu: bool, gate_first: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (do [N, D] in o's dtype, d gate [N, D] in gate's dtype, d weight [D] in weight's dtype)."""
@@ -147,6 +149,10 @@ def _bwd_op(
     return do, dg, dw
 
 
+_bwd_op = torch.library.custom_op("effarch::fused_gated_rms_norm_bwd", _bwd, mutates_args=())
+_bwd_op_call = KernelCall("effarch::fused_gated_rms_norm_bwd", _bwd_op, _bwd)
+
+
 @_bwd_op.register_fake
 def _(o, gate, weight, rstd, dy, silu, gate_first):
     return torch.empty_like(o), torch.empty_like(gate), torch.empty_like(weight)
@@ -163,11 +169,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _drstd):
     o, gate, weight, rstd = ctx.saved_tensors
-    do, dg, dw = _bwd_op(o, gate, weight, rstd, dy.contiguous(), ctx.silu, ctx.gate_first)
+    do, dg, dw = _bwd_op_call(o, gate, weight, rstd, dy.contiguous(), ctx.silu, ctx.gate_first)
     return do, dg, dw, None, None, None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op_call = DifferentiableKernelCall("effarch::fused_gated_rms_norm_fwd", _fwd_op, _fwd, _setup_context, _backward)
 
 
 def gated_rms_norm(
@@ -195,6 +201,6 @@ def gated_rms_norm(
         if backend == "triton" and D > MAX_D:
             raise ValueError(f"o has last dimension {D}, but the Triton kernel supports at most {MAX_D}")
         return gated_rms_norm_reference(o, weight, gate, eps, activation, gate_first)
-    y, _ = _fwd_op(o.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous(), weight.contiguous(), float(eps),
+    y, _ = _fwd_op_call(o.reshape(-1, D).contiguous(), gate.reshape(-1, D).contiguous(), weight.contiguous(), float(eps),
                    activation == "silu", bool(gate_first))  # fmt: skip
     return y.reshape(o.shape)

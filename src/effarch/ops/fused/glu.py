@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import swiglu_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -76,10 +77,12 @@ def _launch_bwd(a: Tensor, b: Tensor, dy: Tensor, da: Tensor, db: Tensor) -> Non
 # Two tensors --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("effarch::fused_swiglu_fwd", mutates_args=())
-def _fwd_op(a: Tensor, b: Tensor) -> Tensor:
+def _fwd(a: Tensor, b: Tensor) -> Tensor:
     """a, b [N, H] (rows may be strided, channels contiguous) -> silu(a) * b [N, H]."""
     return _launch_fwd(a, b)
+
+
+_fwd_op = torch.library.custom_op("effarch::fused_swiglu_fwd", _fwd, mutates_args=())
 
 
 @_fwd_op.register_fake
@@ -87,12 +90,15 @@ def _(a, b):
     return a.new_empty(a.shape)
 
 
-@torch.library.custom_op("effarch::fused_swiglu_bwd", mutates_args=())
-def _bwd_op(a: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+def _bwd(a: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     """(da, db), each [N, H] contiguous in its input's dtype."""
     da, db = empty_like(a), empty_like(b)
     _launch_bwd(a, b, dy, da, db)
     return da, db
+
+
+_bwd_op = torch.library.custom_op("effarch::fused_swiglu_bwd", _bwd, mutates_args=())
+_bwd_op_call = KernelCall("effarch::fused_swiglu_bwd", _bwd_op, _bwd)
 
 
 @_bwd_op.register_fake
@@ -106,20 +112,22 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     a, b = ctx.saved_tensors
-    return _bwd_op(a, b, dy.contiguous())
+    return _bwd_op_call(a, b, dy.contiguous())
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup)
+_fwd_op_call = DifferentiableKernelCall("effarch::fused_swiglu_fwd", _fwd_op, _fwd, _setup, _backward)
 
 
 # One tensor holding both halves -----------------------------------------------------------------------------
 
 
-@torch.library.custom_op("effarch::fused_swiglu_packed_fwd", mutates_args=())
-def _packed_fwd_op(ab: Tensor) -> Tensor:
+def _packed_fwd(ab: Tensor) -> Tensor:
     """ab [N, 2H] contiguous -> silu(ab[:, :H]) * ab[:, H:] [N, H]."""
     a, b = ab.chunk(2, dim=-1)
     return _launch_fwd(a, b)
+
+
+_packed_fwd_op = torch.library.custom_op("effarch::fused_swiglu_packed_fwd", _packed_fwd, mutates_args=())
 
 
 @_packed_fwd_op.register_fake
@@ -127,14 +135,17 @@ def _(ab):
     return ab.new_empty(ab.shape[0], ab.shape[1] // 2)
 
 
-@torch.library.custom_op("effarch::fused_swiglu_packed_bwd", mutates_args=())
-def _packed_bwd_op(ab: Tensor, dy: Tensor) -> Tensor:
+def _packed_bwd(ab: Tensor, dy: Tensor) -> Tensor:
     """d ab [N, 2H]: (da, db) written side by side."""
     dab = empty_like(ab)
     a, b = ab.chunk(2, dim=-1)
     da, db = dab.chunk(2, dim=-1)
     _launch_bwd(a, b, dy, da, db)
     return dab
+
+
+_packed_bwd_op = torch.library.custom_op("effarch::fused_swiglu_packed_bwd", _packed_bwd, mutates_args=())
+_packed_bwd_op_call = KernelCall("effarch::fused_swiglu_packed_bwd", _packed_bwd_op, _packed_bwd)
 
 
 @_packed_bwd_op.register_fake
@@ -148,10 +159,12 @@ def _packed_setup(ctx, inputs, output):
 
 def _packed_backward(ctx, dy):
     (ab,) = ctx.saved_tensors
-    return _packed_bwd_op(ab, dy.contiguous())
+    return _packed_bwd_op_call(ab, dy.contiguous())
 
 
-_packed_fwd_op.register_autograd(_packed_backward, setup_context=_packed_setup)
+_packed_fwd_op_call = DifferentiableKernelCall(
+    "effarch::fused_swiglu_packed_fwd", _packed_fwd_op, _packed_fwd, _packed_setup, _packed_backward
+)
 
 
 # Public entry points --------------------------------------------------------------------------------------------
@@ -173,7 +186,7 @@ def swiglu(a: Tensor, b: Tensor, *, backend: str = "auto") -> Tensor:
         raise ValueError(f"b has dtype {b.dtype}, but the Triton kernel needs a's dtype {a.dtype}")
     if a.numel() == 0:
         return swiglu_reference(a, b)
-    return _fwd_op(_rows(a), _rows(b)).reshape(a.shape)
+    return _fwd_op_call(_rows(a), _rows(b)).reshape(a.shape)
 
 
 def swiglu_packed(ab: Tensor, *, backend: str = "auto") -> Tensor:
@@ -183,4 +196,4 @@ def swiglu_packed(ab: Tensor, *, backend: str = "auto") -> Tensor:
     if not use_triton(backend, ab) or ab.numel() == 0:
         return swiglu_reference(*ab.chunk(2, dim=-1))
     shape = (*ab.shape[:-1], ab.shape[-1] // 2)
-    return _packed_fwd_op(ab.reshape(-1, ab.shape[-1]).contiguous()).reshape(shape)
+    return _packed_fwd_op_call(ab.reshape(-1, ab.shape[-1]).contiguous()).reshape(shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -109,8 +110,7 @@ def _none(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-@torch.library.custom_op("effarch::fused_rms_norm_fwd", mutates_args=())
-def _fwd_op(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """x, residual [N, D] contiguous, weight [D] -> (y [N, D] in x's dtype, s [N, D] in the residual's dtype
     (empty without a residual), rstd [N] float32)."""
     N, D = x.shape
@@ -126,14 +126,16 @@ def _fwd_op(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: floa
     return y, (s if s is not None else _none(x)), rstd
 
 
+_fwd_op = torch.library.custom_op("effarch::fused_rms_norm_fwd", _fwd, mutates_args=())
+
+
 @_fwd_op.register_fake
 def _(x, weight, residual, eps):
     s = torch.empty_like(residual) if residual is not None else _none(x)
     return torch.empty_like(x), s, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("effarch::fused_rms_norm_bwd", mutates_args=())
-def _bwd_op(
+def _bwd(
     s: Tensor, weight: Tensor | None, rstd: Tensor, dy: Tensor, ds_in: Tensor | None, want_dr: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """s, dy, ds_in [N, D] contiguous -> (dx [N, D] in dy's dtype, d weight [D] (empty without a weight),
@@ -157,6 +159,10 @@ def _bwd_op(
     return dx, dw, (dr if dr is not None else _none(s))
 
 
+_bwd_op = torch.library.custom_op("effarch::fused_rms_norm_bwd", _bwd, mutates_args=())
+_bwd_op_call = KernelCall("effarch::fused_rms_norm_bwd", _bwd_op, _bwd)
+
+
 @_bwd_op.register_fake
 def _(s, weight, rstd, dy, ds_in, want_dr):
     dw = torch.empty_like(weight) if weight is not None else _none(s)
@@ -177,11 +183,11 @@ def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     ds_in = ds.contiguous() if ctx.has_res and ds is not None else None
     dy = torch.zeros_like(s, dtype=ctx.y_dtype) if dy is None else dy.contiguous()  # only s had a gradient
-    dx, dw, dr = _bwd_op(s, weight, rstd, dy, ds_in, ctx.want_dr)
+    dx, dw, dr = _bwd_op_call(s, weight, rstd, dy, ds_in, ctx.want_dr)
     return dx, (dw if weight is not None else None), (dr if ctx.want_dr else None), None
 
 
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op_call = DifferentiableKernelCall("effarch::fused_rms_norm_fwd", _fwd_op, _fwd, _setup_context, _backward)
 
 
 def rms_norm(
@@ -205,7 +211,7 @@ def rms_norm(
     shape = x.shape
     r2 = residual.reshape(-1, D).contiguous() if residual is not None else None
     w = weight.contiguous() if weight is not None else None
-    y, s, _ = _fwd_op(x.reshape(-1, D).contiguous(), w, r2, float(eps))
+    y, s, _ = _fwd_op_call(x.reshape(-1, D).contiguous(), w, r2, float(eps))
     if residual is None:
         return y.reshape(shape)
     return y.reshape(shape), s.reshape(shape)

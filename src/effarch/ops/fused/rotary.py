@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import apply_rotary_reference
 from effarch.ops.grid import next_power_of_2
@@ -44,8 +45,7 @@ if HAS_TRITON:
         tl.store(Y + dst + HALF, (x2 * c + x1 * s).to(Y.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("effarch::fused_rotary", mutates_args=())
-def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     """x [B, T, H, D] (unit channel stride), cos/sin [T, D/2] or [B, T, D/2] float32 contiguous -> y [B, T, H, D]
     contiguous, rotated by +angle (sign 1) or -angle (sign -1)."""
     B, T, H, D = x.shape
@@ -57,6 +57,9 @@ def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
                           SIGN=sign, BLOCK_H=next_power_of_2(H),
                           BLOCK_HALF=next_power_of_2(D // 2))  # fmt: skip
     return y
+
+
+_rotary_op = torch.library.custom_op("effarch::fused_rotary", _rotary, mutates_args=())
 
 
 @_rotary_op.register_fake
@@ -73,7 +76,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     x, cos, sin = ctx.saved_tensors
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    dx = _rotary_op(dy, cos, sin, -1.0)
+    dx = _rotary_op_call(dy, cos, sin, -1.0)
     dcos = dsin = None
     if ctx.table_grad:
         # Tables are usually fixed; when they do need a gradient it is a plain reduction over heads (and
@@ -85,7 +88,7 @@ def _backward(ctx, dy):
     return dx, dcos, dsin, None
 
 
-_rotary_op.register_autograd(_backward, setup_context=_setup)
+_rotary_op_call = DifferentiableKernelCall("effarch::fused_rotary", _rotary_op, _rotary, _setup, _backward)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Tensor:
@@ -105,4 +108,4 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") 
     if cos.device != x.device or sin.device != x.device:
         raise ValueError(f"cos/sin are on {cos.device}/{sin.device}, but they must be on x's device {x.device}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    return _rotary_op(x, cos.float().contiguous(), sin.float().contiguous(), 1.0)
+    return _rotary_op_call(x, cos.float().contiguous(), sin.float().contiguous(), 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.triton import launch
 from effarch.ops.linear.triton.backward import chunk_backward
@@ -20,8 +21,7 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.custom_op("effarch::linear_recurrence_chunk_fwd", mutates_args=())
-def chunk_fwd_op(
+def chunk_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -52,6 +52,9 @@ def chunk_fwd_op(
     return o, *(x if x is not None else _empty(q) for x in (hT, saved, *pieces))
 
 
+chunk_fwd_op = torch.library.custom_op("effarch::linear_recurrence_chunk_fwd", chunk_fwd, mutates_args=())
+
+
 @chunk_fwd_op.register_fake
 def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, keep_states=False):
     n, K, (T, H, V) = cu.shape[0] - 1, q.shape[-1], v.shape
@@ -67,8 +70,7 @@ def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, kee
     return torch.empty_like(v), final, saved, states, w, vnew
 
 
-@torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", mutates_args=())
-def chunk_bwd_op(
+def chunk_bwd(
     do: Tensor,
     dhT: Tensor | None,
     q: Tensor,
@@ -108,6 +110,10 @@ def chunk_bwd_op(
     )
 
 
+chunk_bwd_op = torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", chunk_bwd, mutates_args=())
+chunk_bwd_op_call = KernelCall("effarch::linear_recurrence_chunk_bwd", chunk_bwd_op, chunk_bwd)
+
+
 @chunk_bwd_op.register_fake
 def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states=None, final=None, w=None,
       vnew=None):  # fmt: skip
@@ -138,7 +144,7 @@ def _backward(ctx, do, dhT, *_kept):
     groups = q.shape[1]
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     do = torch.zeros_like(v) if do is None else do.contiguous()  # only the final state had a gradient
-    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op(
+    dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op_call(
         do, dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final, w, vnew
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
@@ -160,11 +166,12 @@ def _backward(ctx, do, dhT, *_kept):
     )
 
 
-chunk_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+chunk_fwd_op_call = DifferentiableKernelCall(
+    "effarch::linear_recurrence_chunk_fwd", chunk_fwd_op, chunk_fwd, _setup_context, _backward
+)
 
 
-@torch.library.custom_op("effarch::linear_recurrence_step", mutates_args=("state",))
-def recurrent_op(
+def recurrent(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -178,6 +185,10 @@ def recurrent_op(
     """Packed tokens through the recurrence one by one; `state` [N,H,K,V] float32 is updated in place."""
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
+
+
+recurrent_op = torch.library.custom_op("effarch::linear_recurrence_step", recurrent, mutates_args=("state",))
+recurrent_op_call = KernelCall("effarch::linear_recurrence_step", recurrent_op, recurrent)
 
 
 @recurrent_op.register_fake
@@ -238,11 +249,11 @@ def linear_recurrence_triton(
     if per_key_delta or (T <= RECURRENT_MAX_T and not grad):
         qp, kp = expand_key_heads(qp, kp, H, dim=1)
         state = h0.clone() if h0 is not None else q.new_zeros(inp.n_sequences, H, inp.K, inp.V, dtype=torch.float32)
-        o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
+        o = recurrent_op_call(qp, kp, vp, g, bp, state, cu, inp.scale, delta)
         final = state if output_final_state else None
     else:
         keep = launch.SAVE_STATES and grad
-        o, final, *_ = chunk_fwd_op(
+        o, final, *_ = chunk_fwd_op_call(
             qp, kp, vp, g, bp, h0, cu, inp.scale, delta, dense_len, CHUNK, output_final_state, keep
         )
         final = final if output_final_state else None
@@ -272,5 +283,5 @@ def linear_recurrence_step_triton(
     qp, kp, vp, g, bp = _packed(q, k, v, log_decay, beta, inp)
     qp, kp = expand_key_heads(qp, kp, H, dim=1)
     cu, _ = _cu(q, cu_seqlens)
-    o = recurrent_op(qp, kp, vp, g, bp, state, cu, inp.scale, rule == "delta")
+    o = recurrent_op_call(qp, kp, vp, g, bp, state, cu, inp.scale, rule == "delta")
     return o.reshape(B, T, H, inp.V).to(v.dtype)

@@ -8,6 +8,7 @@ import os
 import torch
 from torch import Tensor
 
+from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.grid import cdiv, next_power_of_2
 from effarch.ops.scan.checks import check_scan_inputs
 from effarch.ops.scan.parallel import selective_scan_parallel
@@ -86,8 +87,7 @@ def _launch_shape(x: Tensor, A: Tensor, B: Tensor, cu: Tensor, per_thread: int) 
     return n_seq, D, N, G, DG, cdiv(DG, BD), BD, BN, warps
 
 
-@torch.library.custom_op("effarch::selective_scan_fwd", mutates_args=())
-def scan_fwd_op(
+def scan_fwd(
     x: Tensor,
     dt: Tensor,
     A: Tensor,
@@ -121,6 +121,9 @@ def scan_fwd_op(
     return y, hT, hc
 
 
+scan_fwd_op = torch.library.custom_op("effarch::selective_scan_fwd", scan_fwd, mutates_args=())
+
+
 @scan_fwd_op.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dense_len, chunk, store_final, save_states):
     n_seq, Dc, N = cu.shape[0] - 1, x.shape[1], A.shape[1]
@@ -130,8 +133,7 @@ def _(x, dt, A, B, C, D, z, dt_bias, h0, cu, dt_softplus, dense_len, chunk, stor
     return torch.empty_like(x), hT, hc
 
 
-@torch.library.custom_op("effarch::selective_scan_bwd", mutates_args=())
-def scan_bwd_op(
+def scan_bwd(
     dy: Tensor,
     dhT: Tensor | None,
     x: Tensor,
@@ -183,6 +185,10 @@ def scan_bwd_op(
     )
 
 
+scan_bwd_op = torch.library.custom_op("effarch::selective_scan_bwd", scan_bwd, mutates_args=())
+scan_bwd_op_call = KernelCall("effarch::selective_scan_bwd", scan_bwd_op, scan_bwd)
+
+
 @scan_bwd_op.register_fake
 def _(dy, dhT, x, dt, A, B, C, D, z, dt_bias, hc, cu, dt_softplus, chunk, has_h0):
     n_seq = cu.shape[0] - 1
@@ -213,7 +219,7 @@ def _backward(ctx, dy, dhT, _dhc):
     if hc.numel() == 0 and x.shape[0] > 0:
         raise RuntimeError("selective_scan: the Triton forward ran without saving chunk states for a backward")
     dhT = dhT.contiguous() if dhT is not None and dhT.numel() > 0 else None  # may arrive expanded (stride 0)
-    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd_op(
+    dx, ddt, dA, dB, dC, dD, dz, dbias, dh0 = scan_bwd_op_call(
         torch.zeros_like(x) if dy is None else dy.contiguous(),
         dhT,
         x,
@@ -249,7 +255,9 @@ def _backward(ctx, dy, dhT, _dhc):
     )
 
 
-scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+scan_fwd_op_call = DifferentiableKernelCall(
+    "effarch::selective_scan_fwd", scan_fwd_op, scan_fwd, _setup_context, _backward
+)
 
 
 def _needs_grad(*xs: Tensor | None) -> bool:
@@ -303,7 +311,7 @@ def selective_scan_triton(
         cu, dense_len = cu_seqlens.to(device=x.device, dtype=torch.int64), 0
     save = _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state)
     chunk = _chunk_len(inp.n_sequences, Dc, N, x.device)
-    y, final, _ = scan_fwd_op(
+    y, final, _ = scan_fwd_op_call(
         flat(x), flat(dt), f32(A), bc(B), bc(C), f32(D), None if z is None else flat(z), f32(dt_bias),
         f32(initial_state), cu, dt_softplus, dense_len, chunk, output_final_state, save,
     )  # fmt: skip
