@@ -21,6 +21,7 @@ from effarch.layers.linear_mixer import Context, Features, LinearMixer, upcast
 from effarch.layers.projections import project
 from effarch.layers.recompute import recomputed
 from effarch.ops import fused
+from effarch.ops.grid import cached
 from effarch.registry import register_mixer
 
 
@@ -36,7 +37,8 @@ def unit_heads(t: torch.Tensor) -> torch.Tensor:
     below 1e-12."""
     if fused.enabled(t.device, t.dtype):
         D = t.shape[-1]
-        return fused.rms_norm(t, t.new_full((D,), D**-0.5), 1e-24 / D, backend="triton")
+        weight = cached(("unit heads", D, str(t.device), t.dtype), lambda: t.new_full((D,), D**-0.5))
+        return fused.rms_norm(t, weight, 1e-24 / D, backend="triton")
     return recomputed(_unit_heads, t)
 
 

@@ -66,8 +66,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_bwd(S, W, RSTD, DY, DS_IN, DX, DR, DW_PART, N, D, ROWS_PER_PROG,
-                 HAS_DS_IN: tl.constexpr, HAS_DR: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr,
-                 ROWS: tl.constexpr):  # fmt: skip
+                 HAS_DS_IN: tl.constexpr, HAS_DR: tl.constexpr, HAS_W: tl.constexpr, WANT_DW: tl.constexpr,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
         # Each program walks a contiguous run of rows, ROWS at a time, and keeps its share of d weight in
         # registers, written once as a partial sum (summed on the host): no atomics, so the result is deterministic.
         pid = tl.program_id(0)
@@ -90,14 +90,15 @@ if HAS_TRITON:
             g = dy
             if HAS_W:
                 g = dy * w
-                dw += dy * s_hat
+                if WANT_DW:
+                    dw += dy * s_hat
             ds = rstd * (g - s_hat * (tl.sum(g * s_hat, axis=1) / D)[:, None])
             if HAS_DS_IN:
                 ds += tl.load(DS_IN + off, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + off, ds.to(DX.dtype.element_ty), mask=mask)
             if HAS_DR:
                 tl.store(DR + off, ds.to(DR.dtype.element_ty), mask=mask)
-        if HAS_W:
+        if WANT_DW:
             tl.store(DW_PART + pid * D + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
@@ -136,10 +137,11 @@ def _(x, weight, residual, eps):
 
 
 def _bwd(
-    s: Tensor, weight: Tensor | None, rstd: Tensor, dy: Tensor, ds_in: Tensor | None, want_dr: bool
+    s: Tensor, weight: Tensor | None, rstd: Tensor, dy: Tensor, ds_in: Tensor | None, want_dr: bool, want_dw: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """s, dy, ds_in [N, D] contiguous -> (dx [N, D] in dy's dtype, d weight [D] (empty without a weight),
-    d residual [N, D] in s's dtype (empty unless `want_dr`))."""
+    """s, dy, ds_in [N, D] contiguous -> (dx [N, D] in dy's dtype, d weight [D] (empty unless a weight and
+    `want_dw`), d residual [N, D] in s's dtype (empty unless `want_dr`))."""
+    want_dw = want_dw and weight is not None
     N, D = s.shape
     dx = empty_like(s, dtype=dy.dtype)
     dr = empty_like(s) if want_dr else None
@@ -148,13 +150,13 @@ def _bwd(
     n_prog = max(1, min(N, BWD_PROGRAMS))
     rows = cdiv(N, n_prog) if N else 0
     n_prog = cdiv(N, rows) if N else 0
-    dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if weight is not None else None
+    dw_part = torch.empty(n_prog, D, dtype=torch.float32, device=s.device) if want_dw else None
     if N:
         _rms_bwd[(n_prog,)](s, weight, rstd, dy, ds_in, dx, dr, dw_part, N, D, rows, HAS_DS_IN=ds_in is not None,
-                            HAS_DR=dr is not None, HAS_W=weight is not None, BLOCK=block, ROWS=tile_rows,
-                            num_warps=_num_warps(tile_rows * block))  # fmt: skip
+                            HAS_DR=dr is not None, HAS_W=weight is not None, WANT_DW=want_dw, BLOCK=block,
+                            ROWS=tile_rows, num_warps=_num_warps(tile_rows * block))  # fmt: skip
     dw = _none(s)
-    if weight is not None:
+    if want_dw:
         dw = (dw_part.sum(0) if N else torch.zeros(D, device=s.device)).to(weight.dtype)
     return dx, dw, (dr if dr is not None else _none(s))
 
@@ -164,8 +166,8 @@ _bwd_op_call = KernelCall("effarch::fused_rms_norm_bwd", _bwd_op, _bwd)
 
 
 @_bwd_op.register_fake
-def _(s, weight, rstd, dy, ds_in, want_dr):
-    dw = torch.empty_like(weight) if weight is not None else _none(s)
+def _(s, weight, rstd, dy, ds_in, want_dr, want_dw):
+    dw = torch.empty_like(weight) if weight is not None and want_dw else _none(s)
     return torch.empty_like(dy), dw, (torch.empty_like(s) if want_dr else _none(s))
 
 
@@ -176,6 +178,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero tensors (one launch each) for rstd, or s without a gradient
     ctx.has_res, ctx.y_dtype = residual is not None, x.dtype
     ctx.want_dr = ctx.has_res and ctx.needs_input_grad[2]
+    ctx.want_dw = weight is not None and ctx.needs_input_grad[1]  # not for a constant weight (unit_heads)
     ctx.save_for_backward(s if ctx.has_res else x, weight, rstd)
 
 
@@ -183,8 +186,8 @@ def _backward(ctx, dy, ds, _drstd):
     s, weight, rstd = ctx.saved_tensors
     ds_in = ds.contiguous() if ctx.has_res and ds is not None else None
     dy = torch.zeros_like(s, dtype=ctx.y_dtype) if dy is None else dy.contiguous()  # only s had a gradient
-    dx, dw, dr = _bwd_op_call(s, weight, rstd, dy, ds_in, ctx.want_dr)
-    return dx, (dw if weight is not None else None), (dr if ctx.want_dr else None), None
+    dx, dw, dr = _bwd_op_call(s, weight, rstd, dy, ds_in, ctx.want_dr, ctx.want_dw)
+    return dx, (dw if ctx.want_dw else None), (dr if ctx.want_dr else None), None
 
 
 _fwd_op_call = DifferentiableKernelCall("effarch::fused_rms_norm_fwd", _fwd_op, _fwd, _setup_context, _backward)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from effarch.ops.grid import cached, dense_offsets
+
 
 @dataclass
 class ChunkTable:
@@ -32,13 +34,16 @@ class ChunkTable:
         device = cu_seqlens.device
         n = cu_seqlens.numel() - 1
         cu = cu_seqlens.to(torch.int32)
-        if dense_len > 0:
+        if dense_len > 0:  # a function of the shape alone: built once (effarch.ops.grid.cached)
             per = -(-dense_len // chunk)
-            c = torch.arange(n * per, device=device, dtype=torch.int32)
-            seq = c // per
-            tok = seq * dense_len + (c % per) * chunk
-            eos = (seq + 1) * dense_len
-            seq_chunk = torch.arange(n + 1, device=device, dtype=torch.int32) * per
+
+            def make():
+                c = torch.arange(n * per, device=device, dtype=torch.int32)
+                seq = c // per
+                tok = seq * dense_len + (c % per) * chunk
+                return tok, (seq + 1) * dense_len, dense_offsets(n, per, device, torch.int32)
+
+            tok, eos, seq_chunk = cached(("chunk table", n, dense_len, chunk, str(device)), make)
             return cls(tok, eos, seq_chunk, cu, n * per, n)
         bounds = cu_seqlens.tolist()
         tok, eos, seq_chunk = [], [], [0]

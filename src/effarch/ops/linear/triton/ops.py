@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.grid import dense_offsets
 from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.triton import launch
 from effarch.ops.linear.triton.backward import chunk_backward
@@ -212,7 +213,7 @@ def _packed(q, k, v, log_decay, beta, inp):
 def _cu(q: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, int]:
     B, T = q.shape[:2]
     if cu_seqlens is None:
-        return torch.arange(B + 1, device=q.device, dtype=torch.int32) * T, T
+        return dense_offsets(B, T, q.device, torch.int32), T
     return cu_seqlens.to(device=q.device, dtype=torch.int32), 0
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
-from effarch.ops.grid import cdiv, next_power_of_2
+from effarch.ops.grid import cdiv, dense_offsets, next_power_of_2
 from effarch.ops.scan.checks import check_scan_inputs
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.triton import KERNEL_DTYPES, MAX_N, kernels
@@ -306,7 +306,7 @@ def selective_scan_triton(
     bc = lambda t: flat(t).view(Bs * T, G, N)
     f32 = lambda t: None if t is None else t.float().contiguous()
     if cu_seqlens is None:
-        cu, dense_len = torch.arange(Bs + 1, device=x.device, dtype=torch.int64) * T, T
+        cu, dense_len = dense_offsets(Bs, T, x.device, torch.int64), T
     else:
         cu, dense_len = cu_seqlens.to(device=x.device, dtype=torch.int64), 0
     save = _needs_grad(x, dt, A, B, C, D, z, dt_bias, initial_state)
