@@ -439,3 +439,17 @@ def test_bfloat16_on_cuda():
         rel_err(apply_rotary(q.bfloat16(), ang.cos(), ang.sin()), apply_rotary_reference(q, ang.cos(), ang.sin()))
         < 1e-2
     )
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (37, 300), (1030, 3, 4), (0, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sum_partials_is_the_sum_over_programs(shape, dtype):
+    """effarch.ops.partials.sum_partials: per-program partial sums [R, ...] reduced over R in float32 and cast once
+    (several column blocks, rows not a multiple of the row block, no rows at all)."""
+    from effarch.ops.partials import sum_partials
+
+    part = _randn(*shape, seed=0, grad=False)
+    out = sum_partials(part, dtype)
+    assert out.dtype == dtype and out.shape == shape[1:]
+    ref = part.double().sum(0)
+    assert (out.double() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 8e-3) * (1 + ref.abs().max())

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.grid import cdiv
+from effarch.ops.partials import sum_partials
 
 POISON = False  # tests set this: outputs start as NaN, so a value no kernel wrote cannot pass
 BT, BC = 64, 64  # tokens and channels per program
@@ -168,8 +169,8 @@ def conv_bwd(
     conv_dz_kernel[dz_grid](x, weight, b, st, dy, dz, dwp, dbp, T, C, W, dz_bt, dz_bc, bias is not None,
                             start is not None, act, num_warps=DZ_WARPS)  # fmt: skip
     conv_dx_kernel[grid](dz, weight, st, dx, T, C, W, BT, BC, start is not None)
-    dw = dwp.sum(0).to(weight.dtype)
-    db = dbp.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    dw = sum_partials(dwp, weight.dtype)
+    db = sum_partials(dbp, bias.dtype) if bias is not None else x.new_empty(0)
     return dx, dw, db
 
 

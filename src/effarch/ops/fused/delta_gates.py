@@ -23,6 +23,7 @@ from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import delta_gates_reference
 from effarch.ops.grid import cdiv, next_power_of_2
+from effarch.ops.partials import sum_partials
 
 ELEMENTS = 1024  # elements (rows x padded heads) per program: at 4096 the sm_90 backward spilled (4 warps)
 
@@ -81,6 +82,10 @@ def _gates_bwd(A, B, A_LOG, DT_BIAS, DG, DBETA, DA, DB, PART, N, H, beta_scale, 
     tl.store(PART + pid * 2 * H + H + cols, d_bias, mask=cm)
 
 
+def _sums_dtype(A_log: Tensor, dt_bias: Tensor) -> torch.dtype:
+    return A_log.dtype if A_log.dtype == dt_bias.dtype else torch.float32
+
+
 def _tile(H: int) -> tuple[int, int]:
     bh = next_power_of_2(H)
     return max(1, ELEMENTS // bh), bh
@@ -108,7 +113,8 @@ def _(a, b, A_log, dt_bias, beta_scale):
 def _bwd(
     a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, dg: Tensor | None, dbeta: Tensor | None, beta_scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (da, db [N, H] in a's and b's dtypes, [dA_log; ddt_bias] [2, H] float32)."""
+    """-> (da, db [N, H] in a's and b's dtypes, [dA_log; ddt_bias] [2, H] in the parameters' dtype when they
+    share one, else float32)."""
     N, H = a.shape
     da, db = empty_like(a), empty_like(b)
     rows, bh = _tile(H)
@@ -117,8 +123,8 @@ def _bwd(
     if N:
         _gates_bwd[(n_prog,)](a, b, A_log, dt_bias, dg, dbeta, da, db, part, N, H, beta_scale, HAS_DG=dg is not None,
                               HAS_DBETA=dbeta is not None, ROWS=rows, BH=bh)  # fmt: skip
-    # (dA_log, ddt_bias) as rows of one [2, H] float32 tensor: d g / d A_log = g, so dA_log sums dg * g
-    return da, db, part.sum(0) if N else torch.zeros(2, H, device=a.device)
+    # (dA_log, ddt_bias) as rows of one [2, H] tensor: d g / d A_log = g, so dA_log sums dg * g
+    return da, db, sum_partials(part, _sums_dtype(A_log, dt_bias))
 
 
 _bwd_op = torch.library.custom_op("effarch::fused_delta_gates_bwd", _bwd, mutates_args=())
@@ -127,7 +133,7 @@ _bwd_op_call = KernelCall("effarch::fused_delta_gates_bwd", _bwd_op, _bwd)
 
 @_bwd_op.register_fake
 def _(a, b, A_log, dt_bias, dg, dbeta, beta_scale):
-    return torch.empty_like(a), torch.empty_like(b), a.new_empty(2, a.shape[1], dtype=torch.float32)
+    return torch.empty_like(a), torch.empty_like(b), a.new_empty(2, a.shape[1], dtype=_sums_dtype(A_log, dt_bias))
 
 
 def _setup(ctx, inputs, output):
@@ -142,8 +148,6 @@ def _backward(ctx, dg, dbeta):
     dg = dg.contiguous() if dg is not None else None
     dbeta = dbeta.contiguous() if dbeta is not None else None
     da, db, sums = _bwd_op_call(a, b, A_log, dt_bias, dg, dbeta, ctx.beta_scale)
-    if A_log.dtype == dt_bias.dtype:  # one cast for the pair
-        sums = sums.to(A_log.dtype)
     return da, db, sums[0].to(A_log.dtype), sums[1].to(dt_bias.dtype), None
 
 

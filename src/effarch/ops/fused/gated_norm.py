@@ -23,6 +23,7 @@ from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import gated_rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
+from effarch.ops.partials import sum_partials
 
 MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
@@ -145,7 +146,7 @@ def _bwd(
     if N:
         _gated_bwd[(n_prog,)](o, gate, weight, rstd, dy, do, dg, dw_part, N, D, per, SILU=silu, GATE_FIRST=gate_first,
                               ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
-    dw = (dw_part[:n_prog].sum(0) if N else torch.zeros(D, device=o.device)).to(weight.dtype)
+    dw = sum_partials(dw_part[:n_prog], weight.dtype)
     return do, dg, dw
 
 

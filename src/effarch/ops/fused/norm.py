@@ -18,6 +18,7 @@ from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
+from effarch.ops.partials import sum_partials
 
 MAX_D = RMS_NORM_MAX_D
 BWD_PROGRAMS = 1024  # backward programs at most: enough to fill a GPU, few d weight partials to sum
@@ -157,7 +158,7 @@ def _bwd(
                             ROWS=tile_rows, num_warps=_num_warps(tile_rows * block))  # fmt: skip
     dw = _none(s)
     if want_dw:
-        dw = (dw_part.sum(0) if N else torch.zeros(D, device=s.device)).to(weight.dtype)
+        dw = sum_partials(dw_part, weight.dtype)
     return dx, dw, (dr if dr is not None else _none(s))
 
 

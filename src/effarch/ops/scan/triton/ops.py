@@ -10,6 +10,7 @@ from torch import Tensor
 
 from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
 from effarch.ops.grid import cdiv, dense_offsets, next_power_of_2
+from effarch.ops.partials import sum_partials
 from effarch.ops.scan.checks import check_scan_inputs
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.triton import KERNEL_DTYPES, MAX_N, kernels
@@ -175,12 +176,12 @@ def scan_bwd(
     return (
         dx,
         ddt,
-        dA_part.sum(0).to(A.dtype),
-        dB_part.sum(0).to(B.dtype),
-        dC_part.sum(0).to(C.dtype),
-        dD_part.sum(0).to(D.dtype) if D is not None else dD_part,
+        sum_partials(dA_part, A.dtype),
+        sum_partials(dB_part, B.dtype),
+        sum_partials(dC_part, C.dtype),
+        sum_partials(dD_part, D.dtype) if D is not None else dD_part,
         dz,
-        dbias_part.sum(0).to(dt_bias.dtype) if dt_bias is not None else dbias_part,
+        sum_partials(dbias_part, dt_bias.dtype) if dt_bias is not None else dbias_part,
         dh0,
     )
 
