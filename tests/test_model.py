@@ -176,3 +176,21 @@ def test_to_static_can_consume_the_growing_cache_layer_by_layer():
     a = model(nxt, cache=kept).logits
     b = model(nxt, cache=consumed).logits
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["transformer", "gla", "hybrid-gdn", "longhorn"])
+def test_deferred_residual_adds_equal_the_plain_block_chain(name):
+    """The model leaves each block's last residual add to the next norm (fused there on CUDA); logits and
+    gradients equal those of the blocks called one by one with their own adds (longhorn: blocks without FFNs)."""
+    torch.manual_seed(0)
+    model = build_model(preset_config(f"{name}:debug"))
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    out = model(ids)
+    (g_model,) = torch.autograd.grad(out.logits.square().mean(), model.embed.weight)
+    x = model.embed(ids)
+    for block in model.blocks:
+        x, _ = block(x)
+    logits = model.lm_head(model.norm(x))
+    (g_chain,) = torch.autograd.grad(logits.square().mean(), model.embed.weight)
+    assert torch.equal(out.logits, logits)
+    assert_close(g_model, g_chain, tol=1e-6)

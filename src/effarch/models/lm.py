@@ -28,8 +28,9 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x)); the second residual add and its norm are one step
-    (one fused kernel on CUDA, see `effarch.layers.norm.add_rms_norm`)."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)); each residual add and the norm after it are one step (one fused
+    kernel on CUDA, see `effarch.layers.norm.add_rms_norm`). The model hands each block's last branch output to
+    the next block un-added (`residual`, `add_last=False`), so that add too runs inside the next norm."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -47,12 +48,18 @@ class Block(nn.Module):
             self.norm2 = RMSNorm(config.d_model, config.norm_eps)
             self.ffn = registry.get("ffn", ffn).obj(config.d_model, layer_idx=layer_idx, **config.ffn_options)
 
-    def forward(self, x, state=None, *, cu_seqlens=None):
-        y, state = self.mixer(self.norm1(x), state, cu_seqlens=cu_seqlens)
-        if self.ffn is None:
-            return x + y, state
-        h, x = self.norm2(y, residual=x)  # x + y and its norm
-        return x + self.ffn(h), state
+    def forward(self, x, state=None, *, cu_seqlens=None, residual=None, add_last=True):
+        """(output, state). With `residual` the block's input is residual + x, formed in norm1's pass. With
+        add_last=False the output is the pair (last branch's output, stream it is to be added to), un-added."""
+        if residual is None:
+            h, stream = self.norm1(x), x
+        else:
+            h, stream = self.norm1(x, residual=residual)  # residual + x and its norm
+        y, state = self.mixer(h, state, cu_seqlens=cu_seqlens)
+        if self.ffn is not None:
+            h, stream = self.norm2(y, residual=stream)
+            y = self.ffn(h)
+        return (stream + y if add_last else (y, stream)), state
 
 
 class CausalLM(nn.Module):
@@ -130,19 +137,24 @@ class CausalLM(nn.Module):
         new_cache = Cache(len(self.blocks)) if (use_cache or cache is not None) else None
         x = self.embed(input_ids)
         aux = 0.0
+        residual = None  # each block's last add is left to the next norm (one fused pass instead of two)
         for i, block in enumerate(self.blocks):
-            x, state = block(x, None if cache is None else cache[i], cu_seqlens=cu_seqlens)
+            (x, residual), state = block(
+                x, None if cache is None else cache[i], cu_seqlens=cu_seqlens, residual=residual, add_last=False
+            )
             if new_cache is not None:
                 new_cache[i] = state
             if block.ffn is not None and getattr(block.ffn, "aux_loss", None) is not None:
                 aux = aux + block.ffn.aux_loss
+        if residual is not None and (logits_at is not None or target_index is not None):
+            x, residual = residual + x, None  # positions are picked from the stream itself
         if logits_at is not None:
             x = x[:, logits_at.to(x.device)]
         if target_index is not None:  # only the scored rows reach the norm and the head
             h = self.norm(x.flatten(0, 1).index_select(0, target_index))
             loss = linear_cross_entropy(h, self.lm_head.weight, targets, static_shapes=True)
             return ModelOutput(logits=None, cache=new_cache, aux_loss=aux, loss=loss)
-        h = self.norm(x)
+        h = self.norm(x) if residual is None else self.norm(x, residual=residual)[0]
         logits = self.lm_head(h) if (return_logits or targets is None) else None
         loss = None
         if targets is not None:
