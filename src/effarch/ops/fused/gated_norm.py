@@ -118,7 +118,7 @@ def _fwd(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gate_f
     rows = _rows(block)
     if N:
         _gated_fwd[(cdiv(N, rows),)](o, gate, weight, y, rstd, N, D, eps, SILU=silu, GATE_FIRST=gate_first,
-                                            ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
+                                     ROWS=rows, BLOCK=block, num_warps=_num_warps(block, rows))  # fmt: skip
     return y, rstd
 
 

@@ -123,8 +123,8 @@ def _fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) 
     rows = _rows_per_program(FWD_TILE, block)
     if N:
         _rms_fwd[(cdiv(N, rows),)](x, residual, weight, y, s, rstd, N, D, eps, HAS_RES=residual is not None,
-                                         HAS_W=weight is not None, BLOCK=block, ROWS=rows,
-                                         num_warps=_num_warps(rows * block))  # fmt: skip
+                                   HAS_W=weight is not None, BLOCK=block, ROWS=rows,
+                                   num_warps=_num_warps(rows * block))  # fmt: skip
     return y, (s if s is not None else _none(x)), rstd
 
 
