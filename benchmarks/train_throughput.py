@@ -147,7 +147,10 @@ def main():
                 )
                 r.update(model=name, params=n_params, dtype=str(dtype).removeprefix("torch."), fused=kernels)
                 rows.append(r)
-                print(f"{name:<40} {tokens(seq):>6} x {batch:<3} {_cell(r)}", flush=True)
+                issue = (
+                    "" if r.get("oom") else f", host issues the step in {r['issue_ms']:.0f} of {r['step_ms']:.0f} ms"
+                )
+                print(f"{name:<40} {tokens(seq):>6} x {batch:<3} {_cell(r)}{issue}", flush=True)
         except Exception as e:
             if loss_of is effarch_loss:
                 raise

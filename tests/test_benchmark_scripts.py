@@ -45,6 +45,7 @@ def test_train_throughput_script(tmp_path):
     assert set(rows) == {(m, b, t) for m in models for b, t in ((2, 32), (1, 48))}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["params"] > 0
+        assert 0 < r["issue_ms"] <= r["step_ms"]  # the host's issue time is part of the step
         assert r["peak_mem_bytes"] is None  # CUDA memory only
         assert r["dtype"] == "float32"
     assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))

@@ -80,7 +80,9 @@ def measure_train_step(
 ) -> dict:
     """Median time of one training step (forward, backward, AdamW; fused on CUDA) on random tokens.
 
-    `loss_of(model, ids)` returns the scalar loss. Returns tokens/s, step ms and peak memory bytes (CUDA).
+    `loss_of(model, ids)` returns the scalar loss. Returns tokens/s, step ms, the host's issue ms (the time
+    until the step's last launch returns: close to step ms, the step is bound by the host; then cuda_graph helps)
+    and peak memory bytes (CUDA).
     Out-of-memory is reported as {"oom": True}. cuda_graph: the step (AdamW included) captured once after the
     warm-up steps and replayed, so the host's launches are out of the timing; a model that syncs with the host
     cannot be captured and raises.
@@ -100,7 +102,7 @@ def measure_train_step(
         step()
         opt.zero_grad(set_to_none=True)
 
-    times = []
+    times, issued = [], []
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -114,9 +116,11 @@ def measure_train_step(
             _sync(device)
             t0 = time.perf_counter()
             run()
+            t1 = time.perf_counter()
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                issued.append(t1 - t0)
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -127,6 +131,8 @@ def measure_train_step(
         "batch": batch,
         "seq_len": seq_len,
         "step_ms": 1e3 * step_s,
+        # the host's time to issue the step (until AdamW returns); near step_ms, the host sets the pace
+        "issue_ms": 1e3 * statistics.median(issued),
         "tokens_per_s": batch * seq_len / step_s,
         "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     }
