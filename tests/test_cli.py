@@ -118,7 +118,7 @@ def test_cli_process_has_no_traceback(tmp_path):
 def test_bench_train_and_generate_report_a_line(capsys):
     code, out, err = run(capsys, "bench", "train", "--model", "transformer:debug", "--seq-len", "32", "--steps", "1")
     assert code == 0, err
-    assert "tokens/s" in out and "train 4 x 32" in out
+    assert "tokens/s" in out and "train 4 x 32" in out and "the host issues it in" in out
     code, out, err = run(
         capsys, "bench", "generate", "--model", "mamba2:debug", "--prompt-len", "8", "--new-tokens", "4"
     )
@@ -132,6 +132,7 @@ def test_bench_train_and_generate_report_a_line(capsys):
         (["bench", "train", "--model", "nope"], "neither a config file nor a preset"),
         (["bench", "train", "--model", "transformer:debug", "--steps", "0"], "steps=0"),
         (["bench", "generate", "--model", "transformer:debug", "--device", "cpu", "--cuda-graph"], "CUDA"),
+        (["bench", "train", "--model", "transformer:debug", "--device", "cpu", "--cuda-graph"], "CUDA"),
     ],
 )
 def test_bench_bad_input(capsys, argv, message):

@@ -268,7 +268,8 @@ def bench_model(
         return (
             f"{config.name or spec} ({n / 1e6:.1f}M params, {dt}, {dev.type}): train {b} x {seq_len}"
             f"{' (CUDA graph)' if cuda_graph else ''}: "
-            f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, {flops / 1e12:.2f} TFLOP/s{mem}"
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step (the host issues it in "
+            f"{r['issue_ms']:.1f}), {flops / 1e12:.2f} TFLOP/s{mem}"
         )
     if what == "generate":
         b = batch or 1
