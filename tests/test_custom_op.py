@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 
 calls: list[str] = []
 
@@ -21,11 +21,10 @@ def _cube_bwd(x: Tensor, dy: Tensor, scale: float) -> Tensor:
     return 3 * x * x * scale * dy
 
 
-cube_op = torch.library.custom_op("effarch_test::cube", _cube, mutates_args=())
-cube_op.register_fake(lambda x, scale: torch.empty_like(x))
-cube_bwd_op = torch.library.custom_op("effarch_test::cube_bwd", _cube_bwd, mutates_args=())
-cube_bwd_op.register_fake(lambda x, dy, scale: torch.empty_like(x))
-cube_bwd = KernelCall("effarch_test::cube_bwd", cube_bwd_op, _cube_bwd)
+cube_bwd = KernelCall("effarch_test::cube_bwd", _cube_bwd)
+cube_bwd.op.register_fake(lambda x, dy, scale: torch.empty_like(x))
+cube = KernelCall("effarch_test::cube", _cube)
+cube.op.register_fake(lambda x, scale: torch.empty_like(x))
 
 
 def _setup(ctx, inputs, output):
@@ -38,7 +37,7 @@ def _backward(ctx, dy):
     return cube_bwd(x, dy, ctx.scale), None
 
 
-cube = DifferentiableKernelCall("effarch_test::cube", cube_op, _cube, _setup, _backward)
+cube.differentiable(_setup, _backward)
 
 
 def test_eager_calls_run_the_plain_functions_with_their_gradient():

@@ -57,7 +57,6 @@ class _RecordOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.names: set[str] = set()
-        self._patched = []
 
     def _record(self, name: str, args) -> None:
         name = name.split("::")[-1].split(".")[0]
@@ -66,21 +65,19 @@ class _RecordOps(TorchDispatchMode):
             self.names.add(name + ("+residual" if with_residual else ""))
 
     def __enter__(self):
-        for cls in (custom_op.KernelCall, custom_op.DifferentiableKernelCall):
-            call = cls.__dict__["__call__"]
+        call = custom_op.KernelCall.__call__
 
-            def spy(kernel, *args, _call=call):
-                if not torch.compiler.is_compiling():
-                    self._record(kernel.name, args)
-                return _call(kernel, *args)
+        def spy(kernel, *args):
+            if not torch.compiler.is_compiling():
+                self._record(kernel.name, args)
+            return call(kernel, *args)
 
-            self._patched.append((cls, call))
-            cls.__call__ = spy
+        self._call = call
+        custom_op.KernelCall.__call__ = spy
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for cls, call in self._patched:
-            cls.__call__ = call
+        custom_op.KernelCall.__call__ = self._call
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.grid import cdiv
 from effarch.ops.partials import sum_partials
 
@@ -143,7 +143,8 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, start: Tensor | Non
     return y
 
 
-conv_fwd_op = torch.library.custom_op("effarch::causal_conv1d_fwd", conv_fwd, mutates_args=())
+conv_fwd_op_call = KernelCall("effarch::causal_conv1d_fwd", conv_fwd)
+conv_fwd_op = conv_fwd_op_call.op
 
 
 @conv_fwd_op.register_fake
@@ -174,8 +175,8 @@ def conv_bwd(
     return dx, dw, db
 
 
-conv_bwd_op = torch.library.custom_op("effarch::causal_conv1d_bwd", conv_bwd, mutates_args=())
-conv_bwd_op_call = KernelCall("effarch::causal_conv1d_bwd", conv_bwd_op, conv_bwd)
+conv_bwd_op_call = KernelCall("effarch::causal_conv1d_bwd", conv_bwd)
+conv_bwd_op = conv_bwd_op_call.op
 
 
 @conv_bwd_op.register_fake
@@ -199,9 +200,7 @@ def _backward(ctx, dy):
     return dx, dw, (db if bias is not None else None), None, None
 
 
-conv_fwd_op_call = DifferentiableKernelCall(
-    "effarch::causal_conv1d_fwd", conv_fwd_op, conv_fwd, _setup_context, _backward
-)
+conv_fwd_op_call.differentiable(_setup_context, _backward)
 
 
 def triton_supports(x: Tensor, weight: Tensor, activation: str | None, cu_seqlens: Tensor | None) -> bool:

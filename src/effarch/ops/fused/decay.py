@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import log_sigmoid_decay_reference
 from effarch.ops.grid import cdiv
@@ -55,7 +55,8 @@ def _fwd(x: Tensor, normalizer: float) -> Tensor:
     return y
 
 
-_fwd_op = torch.library.custom_op("effarch::fused_log_sigmoid_decay_fwd", _fwd, mutates_args=())
+_fwd_op_call = KernelCall("effarch::fused_log_sigmoid_decay_fwd", _fwd)
+_fwd_op = _fwd_op_call.op
 
 
 @_fwd_op.register_fake
@@ -71,8 +72,8 @@ def _bwd(x: Tensor, dy: Tensor, normalizer: float) -> Tensor:
     return dx
 
 
-_bwd_op = torch.library.custom_op("effarch::fused_log_sigmoid_decay_bwd", _bwd, mutates_args=())
-_bwd_op_call = KernelCall("effarch::fused_log_sigmoid_decay_bwd", _bwd_op, _bwd)
+_bwd_op_call = KernelCall("effarch::fused_log_sigmoid_decay_bwd", _bwd)
+_bwd_op = _bwd_op_call.op
 
 
 @_bwd_op.register_fake
@@ -90,7 +91,7 @@ def _backward(ctx, dy):
     return _bwd_op_call(x, dy.contiguous(), ctx.normalizer), None
 
 
-_fwd_op_call = DifferentiableKernelCall("effarch::fused_log_sigmoid_decay_fwd", _fwd_op, _fwd, _setup, _backward)
+_fwd_op_call.differentiable(_setup, _backward)
 
 
 def log_sigmoid_decay(x: Tensor, normalizer: float = 1.0, *, backend: str = "auto") -> Tensor:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import empty_like, use_triton
 from effarch.ops.fused.reference import delta_gates_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -102,7 +102,8 @@ def _fwd(a: Tensor, b: Tensor, A_log: Tensor, dt_bias: Tensor, beta_scale: float
     return g, beta
 
 
-_fwd_op = torch.library.custom_op("effarch::fused_delta_gates_fwd", _fwd, mutates_args=())
+_fwd_op_call = KernelCall("effarch::fused_delta_gates_fwd", _fwd)
+_fwd_op = _fwd_op_call.op
 
 
 @_fwd_op.register_fake
@@ -127,8 +128,8 @@ def _bwd(
     return da, db, sum_partials(part, _sums_dtype(A_log, dt_bias))
 
 
-_bwd_op = torch.library.custom_op("effarch::fused_delta_gates_bwd", _bwd, mutates_args=())
-_bwd_op_call = KernelCall("effarch::fused_delta_gates_bwd", _bwd_op, _bwd)
+_bwd_op_call = KernelCall("effarch::fused_delta_gates_bwd", _bwd)
+_bwd_op = _bwd_op_call.op
 
 
 @_bwd_op.register_fake
@@ -151,7 +152,7 @@ def _backward(ctx, dg, dbeta):
     return da, db, sums[0].to(A_log.dtype), sums[1].to(dt_bias.dtype), None
 
 
-_fwd_op_call = DifferentiableKernelCall("effarch::fused_delta_gates_fwd", _fwd_op, _fwd, _setup, _backward)
+_fwd_op_call.differentiable(_setup, _backward)
 
 
 def delta_gates(

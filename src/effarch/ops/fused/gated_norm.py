@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import gated_rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -122,7 +122,8 @@ def _fwd(o: Tensor, gate: Tensor, weight: Tensor, eps: float, silu: bool, gate_f
     return y, rstd
 
 
-_fwd_op = torch.library.custom_op("effarch::fused_gated_rms_norm_fwd", _fwd, mutates_args=())
+_fwd_op_call = KernelCall("effarch::fused_gated_rms_norm_fwd", _fwd)
+_fwd_op = _fwd_op_call.op
 
 
 @_fwd_op.register_fake
@@ -150,8 +151,8 @@ def _bwd(
     return do, dg, dw
 
 
-_bwd_op = torch.library.custom_op("effarch::fused_gated_rms_norm_bwd", _bwd, mutates_args=())
-_bwd_op_call = KernelCall("effarch::fused_gated_rms_norm_bwd", _bwd_op, _bwd)
+_bwd_op_call = KernelCall("effarch::fused_gated_rms_norm_bwd", _bwd)
+_bwd_op = _bwd_op_call.op
 
 
 @_bwd_op.register_fake
@@ -174,7 +175,7 @@ def _backward(ctx, dy, _drstd):
     return do, dg, dw, None, None, None
 
 
-_fwd_op_call = DifferentiableKernelCall("effarch::fused_gated_rms_norm_fwd", _fwd_op, _fwd, _setup_context, _backward)
+_fwd_op_call.differentiable(_setup_context, _backward)
 
 
 def gated_rms_norm(

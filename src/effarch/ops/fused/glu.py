@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import swiglu_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -82,7 +82,8 @@ def _fwd(a: Tensor, b: Tensor) -> Tensor:
     return _launch_fwd(a, b)
 
 
-_fwd_op = torch.library.custom_op("effarch::fused_swiglu_fwd", _fwd, mutates_args=())
+_fwd_op_call = KernelCall("effarch::fused_swiglu_fwd", _fwd)
+_fwd_op = _fwd_op_call.op
 
 
 @_fwd_op.register_fake
@@ -97,8 +98,8 @@ def _bwd(a: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return da, db
 
 
-_bwd_op = torch.library.custom_op("effarch::fused_swiglu_bwd", _bwd, mutates_args=())
-_bwd_op_call = KernelCall("effarch::fused_swiglu_bwd", _bwd_op, _bwd)
+_bwd_op_call = KernelCall("effarch::fused_swiglu_bwd", _bwd)
+_bwd_op = _bwd_op_call.op
 
 
 @_bwd_op.register_fake
@@ -115,7 +116,7 @@ def _backward(ctx, dy):
     return _bwd_op_call(a, b, dy.contiguous())
 
 
-_fwd_op_call = DifferentiableKernelCall("effarch::fused_swiglu_fwd", _fwd_op, _fwd, _setup, _backward)
+_fwd_op_call.differentiable(_setup, _backward)
 
 
 # One tensor holding both halves -----------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def _packed_fwd(ab: Tensor) -> Tensor:
     return _launch_fwd(a, b)
 
 
-_packed_fwd_op = torch.library.custom_op("effarch::fused_swiglu_packed_fwd", _packed_fwd, mutates_args=())
+_packed_fwd_op_call = KernelCall("effarch::fused_swiglu_packed_fwd", _packed_fwd)
+_packed_fwd_op = _packed_fwd_op_call.op
 
 
 @_packed_fwd_op.register_fake
@@ -144,8 +146,8 @@ def _packed_bwd(ab: Tensor, dy: Tensor) -> Tensor:
     return dab
 
 
-_packed_bwd_op = torch.library.custom_op("effarch::fused_swiglu_packed_bwd", _packed_bwd, mutates_args=())
-_packed_bwd_op_call = KernelCall("effarch::fused_swiglu_packed_bwd", _packed_bwd_op, _packed_bwd)
+_packed_bwd_op_call = KernelCall("effarch::fused_swiglu_packed_bwd", _packed_bwd)
+_packed_bwd_op = _packed_bwd_op_call.op
 
 
 @_packed_bwd_op.register_fake
@@ -162,9 +164,7 @@ def _packed_backward(ctx, dy):
     return _packed_bwd_op_call(ab, dy.contiguous())
 
 
-_packed_fwd_op_call = DifferentiableKernelCall(
-    "effarch::fused_swiglu_packed_fwd", _packed_fwd_op, _packed_fwd, _packed_setup, _packed_backward
-)
+_packed_fwd_op_call.differentiable(_packed_setup, _packed_backward)
 
 
 # Public entry points --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import HAS_TRITON, RMS_NORM_MAX_D, empty_like, use_triton
 from effarch.ops.fused.reference import rms_norm_reference
 from effarch.ops.grid import cdiv, next_power_of_2
@@ -128,7 +128,8 @@ def _fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) 
     return y, (s if s is not None else _none(x)), rstd
 
 
-_fwd_op = torch.library.custom_op("effarch::fused_rms_norm_fwd", _fwd, mutates_args=())
+_fwd_op_call = KernelCall("effarch::fused_rms_norm_fwd", _fwd)
+_fwd_op = _fwd_op_call.op
 
 
 @_fwd_op.register_fake
@@ -162,8 +163,8 @@ def _bwd(
     return dx, dw, (dr if dr is not None else _none(s))
 
 
-_bwd_op = torch.library.custom_op("effarch::fused_rms_norm_bwd", _bwd, mutates_args=())
-_bwd_op_call = KernelCall("effarch::fused_rms_norm_bwd", _bwd_op, _bwd)
+_bwd_op_call = KernelCall("effarch::fused_rms_norm_bwd", _bwd)
+_bwd_op = _bwd_op_call.op
 
 
 @_bwd_op.register_fake
@@ -191,7 +192,7 @@ def _backward(ctx, dy, ds, _drstd):
     return dx, (dw if ctx.want_dw else None), (dr if ctx.want_dr else None), None
 
 
-_fwd_op_call = DifferentiableKernelCall("effarch::fused_rms_norm_fwd", _fwd_op, _fwd, _setup_context, _backward)
+_fwd_op_call.differentiable(_setup_context, _backward)
 
 
 def rms_norm(

@@ -13,10 +13,9 @@ by -angle:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import HAS_TRITON, empty_like, use_triton
 from effarch.ops.fused.reference import apply_rotary_reference
 from effarch.ops.grid import next_power_of_2
@@ -59,7 +58,8 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor, sign: float) -> Tensor:
     return y
 
 
-_rotary_op = torch.library.custom_op("effarch::fused_rotary", _rotary, mutates_args=())
+_rotary_op_call = KernelCall("effarch::fused_rotary", _rotary)
+_rotary_op = _rotary_op_call.op
 
 
 @_rotary_op.register_fake
@@ -88,7 +88,7 @@ def _backward(ctx, dy):
     return dx, dcos, dsin, None
 
 
-_rotary_op_call = DifferentiableKernelCall("effarch::fused_rotary", _rotary_op, _rotary, _setup, _backward)
+_rotary_op_call.differentiable(_setup, _backward)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, backend: str = "auto") -> Tensor:

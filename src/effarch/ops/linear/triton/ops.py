@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.grid import dense_offsets
 from effarch.ops.linear.checks import check_inputs, expand_key_heads
 from effarch.ops.linear.triton import launch
@@ -53,7 +53,8 @@ def chunk_fwd(
     return o, *(x if x is not None else _empty(q) for x in (hT, saved, *pieces))
 
 
-chunk_fwd_op = torch.library.custom_op("effarch::linear_recurrence_chunk_fwd", chunk_fwd, mutates_args=())
+chunk_fwd_op_call = KernelCall("effarch::linear_recurrence_chunk_fwd", chunk_fwd)
+chunk_fwd_op = chunk_fwd_op_call.op
 
 
 @chunk_fwd_op.register_fake
@@ -111,8 +112,8 @@ def chunk_bwd(
     )
 
 
-chunk_bwd_op = torch.library.custom_op("effarch::linear_recurrence_chunk_bwd", chunk_bwd, mutates_args=())
-chunk_bwd_op_call = KernelCall("effarch::linear_recurrence_chunk_bwd", chunk_bwd_op, chunk_bwd)
+chunk_bwd_op_call = KernelCall("effarch::linear_recurrence_chunk_bwd", chunk_bwd)
+chunk_bwd_op = chunk_bwd_op_call.op
 
 
 @chunk_bwd_op.register_fake
@@ -167,9 +168,7 @@ def _backward(ctx, do, dhT, *_kept):
     )
 
 
-chunk_fwd_op_call = DifferentiableKernelCall(
-    "effarch::linear_recurrence_chunk_fwd", chunk_fwd_op, chunk_fwd, _setup_context, _backward
-)
+chunk_fwd_op_call.differentiable(_setup_context, _backward)
 
 
 def recurrent(
@@ -188,8 +187,8 @@ def recurrent(
         return recurrent_forward(q, k, v, g, beta, state, cu, scale, delta=delta)
 
 
-recurrent_op = torch.library.custom_op("effarch::linear_recurrence_step", recurrent, mutates_args=("state",))
-recurrent_op_call = KernelCall("effarch::linear_recurrence_step", recurrent_op, recurrent)
+recurrent_op_call = KernelCall("effarch::linear_recurrence_step", recurrent, ("state",))
+recurrent_op = recurrent_op_call.op
 
 
 @recurrent_op.register_fake

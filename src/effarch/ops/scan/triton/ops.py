@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from effarch.ops.custom_op import DifferentiableKernelCall, KernelCall
+from effarch.ops.custom_op import KernelCall
 from effarch.ops.grid import cdiv, dense_offsets, next_power_of_2
 from effarch.ops.partials import sum_partials
 from effarch.ops.scan.checks import check_scan_inputs
@@ -122,7 +122,8 @@ def scan_fwd(
     return y, hT, hc
 
 
-scan_fwd_op = torch.library.custom_op("effarch::selective_scan_fwd", scan_fwd, mutates_args=())
+scan_fwd_op_call = KernelCall("effarch::selective_scan_fwd", scan_fwd)
+scan_fwd_op = scan_fwd_op_call.op
 
 
 @scan_fwd_op.register_fake
@@ -186,8 +187,8 @@ def scan_bwd(
     )
 
 
-scan_bwd_op = torch.library.custom_op("effarch::selective_scan_bwd", scan_bwd, mutates_args=())
-scan_bwd_op_call = KernelCall("effarch::selective_scan_bwd", scan_bwd_op, scan_bwd)
+scan_bwd_op_call = KernelCall("effarch::selective_scan_bwd", scan_bwd)
+scan_bwd_op = scan_bwd_op_call.op
 
 
 @scan_bwd_op.register_fake
@@ -256,9 +257,7 @@ def _backward(ctx, dy, dhT, _dhc):
     )
 
 
-scan_fwd_op_call = DifferentiableKernelCall(
-    "effarch::selective_scan_fwd", scan_fwd_op, scan_fwd, _setup_context, _backward
-)
+scan_fwd_op_call.differentiable(_setup_context, _backward)
 
 
 def _needs_grad(*xs: Tensor | None) -> bool:
