@@ -11,12 +11,20 @@ from effarch.ops.custom_op import KernelCall
 calls: list[str] = []
 
 
+def _plain(*tensors: Tensor) -> None:
+    # A kernel can only launch on real tensors: the plain function must never see a traced (fake) one.
+    for t in tensors:
+        assert type(t) is torch.Tensor, f"kernel function called on a traced {type(t).__name__}"
+
+
 def _cube(x: Tensor, scale: float) -> Tensor:
+    _plain(x)
     calls.append("cube")
     return x * x * x * scale
 
 
 def _cube_bwd(x: Tensor, dy: Tensor, scale: float) -> Tensor:
+    _plain(x, dy)
     calls.append("cube_bwd")
     return 3 * x * x * scale * dy
 
@@ -72,3 +80,29 @@ def test_compiled_code_calls_the_custom_ops():
     assert any("effarch_test.cube" in s for s in seen)
     (g,) = torch.autograd.grad(y.sum(), x)
     torch.testing.assert_close(g, 9 * x.detach() ** 2)
+
+
+def test_compiled_backward_traced_through_the_custom_ops():
+    # AOT autograd traces the registered backward over fake tensors outside Dynamo (is_compiling() is False
+    # there): the backward's kernel call must take its custom op, never the plain function.
+    x = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    calls.clear()
+    f = torch.compile(lambda t: cube(t, 1.5), backend="aot_eager", fullgraph=True)
+    y = f(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(y, 1.5 * x.detach() ** 3)
+    torch.testing.assert_close(g, 4.5 * x.detach() ** 2)
+    assert calls == ["cube", "cube_bwd"]  # each ran once, on real tensors
+
+
+def test_fake_tensors_take_the_custom_op():
+    # Some PyTorch releases trace that backward with is_compiling() False: under a fake tensor mode alone the
+    # call must still take the op (its fake implementation), never launch the plain function.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    calls.clear()
+    with FakeTensorMode():
+        x = torch.empty(4, 3, dtype=torch.float64)
+        y = cube(x, 2.0)
+        gx = cube_bwd(x, torch.empty_like(x), 2.0)
+    assert calls == [] and y.shape == gx.shape == (4, 3)

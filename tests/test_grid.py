@@ -46,6 +46,18 @@ def test_nothing_traced_is_kept(monkeypatch):
     assert grid._CACHE == {}
 
 
+def test_nothing_made_under_fake_tensors_is_kept(monkeypatch):
+    # AOT autograd traces backward code under a fake tensor mode, where is_compiling() may be False.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(grid, "_CACHE", {})
+    with FakeTensorMode():
+        grid.dense_offsets(4, 3, torch.device("cpu"), torch.int64)
+    assert grid._CACHE == {}
+    assert torch.equal(grid.dense_offsets(2, 5, torch.device("cpu"), torch.int64), torch.tensor([0, 5, 10]))
+    assert len(grid._CACHE) == 1
+
+
 def test_host_grid_arithmetic_is_tritons():
     """effarch.ops.grid's plain-Python cdiv and next_power_of_2 (the kernels' launch sizes) agree with Triton's."""
     triton = pytest.importorskip("triton")

@@ -7,6 +7,10 @@ Function): on a 2-core CPU an RMSNorm forward + backward cost 140-150 us that wa
 autograd.Function, and a 24-layer Gated DeltaNet training step makes about 530 such calls, forward and backward.
 `KernelCall` takes the plain function in eager mode and the custom op while
 torch.compile traces; both run the same code, set up and differentiated the same way.
+
+"While torch.compile traces" is `tracing()`: Dynamo's trace, and also AOT autograd's trace of the backward, which
+runs the registered backward over fake tensors outside Dynamo (`torch.compiler.is_compiling()` is False there, and
+a kernel launched on a fake tensor fails: it has no data pointer).
 """
 
 from __future__ import annotations
@@ -15,6 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+
+def tracing() -> bool:
+    """True while torch.compile traces (Dynamo, or AOT autograd under its fake and functional tensor modes) or
+    any other dispatch mode is active: code then goes through custom ops and keeps no tensor it makes."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 class KernelCall:
@@ -46,7 +57,7 @@ class KernelCall:
 
     def __call__(self, *args):
         """Arguments positional. Without an input needing a gradient (or any gradient), `impl` alone."""
-        if torch.compiler.is_compiling():
+        if tracing():
             return self.op(*args)
         if (
             self.function is not None

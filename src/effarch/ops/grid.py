@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from effarch.ops.custom_op import tracing
+
 
 def cdiv(x: int, y: int) -> int:
     """ceil(x / y) for integers, y > 0."""
@@ -31,7 +33,7 @@ CACHE_LIMIT = 1024
 
 def cached(key: tuple, make):
     """make(), reused for equal keys (which must include the device); `make` returns read-only tensors."""
-    if torch.compiler.is_compiling():  # traced code makes its own (a traced tensor must not be kept)
+    if tracing():  # traced code makes its own (a traced tensor must not be kept)
         return make()
     value = _CACHE.get(key)
     if value is None:
