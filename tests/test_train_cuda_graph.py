@@ -181,10 +181,13 @@ def test_measured_step_replayed_trains_like_eager(spec):
     models = []
     for graph in (False, True):
         torch.manual_seed(0)
-        model = build_model(preset_config(f"{spec}:debug")).cuda()
+        cfg = preset_config(f"{spec}:debug")
+        model = build_model(cfg).cuda()
         start = [p.detach().clone() for p in model.parameters()]
         torch.manual_seed(1)  # the same random tokens both ways
-        r = measure_train_step(model, _loss, batch=2, seq_len=64, vocab_size=512, steps=2, warmup=1, cuda_graph=graph)
+        r = measure_train_step(
+            model, _loss, batch=2, seq_len=64, vocab_size=cfg.vocab_size, steps=2, warmup=1, cuda_graph=graph
+        )
         assert r["tokens_per_s"] > 0
         models.append(model)
     for a, b, s in zip(models[0].parameters(), models[1].parameters(), start):
