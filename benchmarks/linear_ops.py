@@ -8,7 +8,8 @@ listed as skipped with the reason.
 Usage: python benchmarks/linear_ops.py [--check-only | --quick-check] [--peers fla,sdpa,flex]
        [--T 2048,4096,8192,32768,131072] [--write] [--json PATH] [--try "SETTING=a,b;OTHER=c,d"]
 --try times our kernels under every combination of the named settings of effarch.ops.linear.triton's launch and
-backward modules (block sizes, warps, the state passes' form), a row each, beside the shipped choice's peers.
+backward modules (block sizes, warps, the state passes' form), a row each, beside the shipped choice's peers;
+"A=1,2|B=4,8" sweeps A, then B, each with the other as shipped. Each variant is checked against the reference first.
 
 FLOP counts (per head and token, chunk C = 64): forward additive 2C(K+V) + 4KV, per-key decay the same,
 delta adds 2CK + C^2 + 2C(K+V) + 2KV for the WY transform; forward+backward counts 3x the forward. Causal
@@ -90,11 +91,13 @@ def run_with_grads(fn, q, k, v, kw, do, dhT, cu=None):
 
 def check(T=512, B=2, modes=("input", "tf32"), layouts=(False, True)) -> list[str]:
     """Rows 'case | rel errs | status' for bf16 kernels against the float32 reference, for each way of
-    forming 16-bit products (launch.HALF_DOTS): "input" (the default) or "tf32"."""
+    forming 16-bit products (launch.HALF_DOTS): "input" (the default) or "tf32", and each --try variant (a
+    setting the compiler gets wrong on this GPU shows here, before its timing is read)."""
     from effarch.ops.linear.triton import launch
 
     rows = []
-    for name, (rule, decay, _) in CASES.items():
+    for (name, (rule, decay, _)), variant in itertools.product(CASES.items(), VARIANTS):
+        label = use_variant(variant)
         for varlen in layouts:
             q, k, v, kw = make(rule, decay, B, T, seed=1, h0=True)
             cu = None
@@ -117,7 +120,7 @@ def check(T=512, B=2, modes=("input", "tf32"), layouts=(False, True)) -> list[st
                 ours = run_with_grads(linear_recurrence_triton, q, k, v, kw, do, dhT, cu)
                 errs = {n: rel(ours[n], ref[n]) for n in ref}
                 bad = [n for n, e in errs.items() if not math.isfinite(e) or e > 1e-2]
-                tag = f"{name}{', varlen' if varlen else ''}, {mode} products"
+                tag = f"{label}: {name}{', varlen' if varlen else ''}, {mode} products"
                 status = "FAIL " + ",".join(bad) if bad else "ok"
                 rows.append(f"| {tag} | " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()) + f" | {status} |")
                 print(rows[-1], flush=True)
@@ -249,17 +252,26 @@ def speed(Ts, with_fla, peers, results, deadline=None):
 
 
 def parse_variants(text: str) -> list[dict]:
-    """--try "NAME=a,b;OTHER=c,d" -> every combination, as dicts of launch settings (ints and booleans parsed)."""
-    axes = []
-    for part in [p.strip() for p in text.split(";") if p.strip()]:
-        name, _, values = part.partition("=")
-        name = name.strip()
-        if not any(hasattr(m, name) for m in SETTING_MODULES) or not name.isupper() or not values.strip():
-            raise ValueError(
-                f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch or backward module"
-            )
-        axes.append([(name, _setting_value(v.strip())) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)] or [{}]
+    """--try "NAME=a,b;OTHER=c,d" -> every combination, as dicts of launch settings (ints and booleans parsed).
+    Groups joined by "|" are swept one after the other, the settings of the other groups as shipped:
+    "A=1,2|B=3,4" -> A=1, A=2, B=3, B=4 (four rows rather than the product's four pairs, which grows fast)."""
+    variants: list[dict] = []
+    for group in text.split("|"):
+        axes = []
+        for part in [p.strip() for p in group.split(";") if p.strip()]:
+            name, _, values = part.partition("=")
+            name = name.strip()
+            if not any(hasattr(m, name) for m in SETTING_MODULES) or not name.isupper() or not values.strip():
+                raise ValueError(
+                    f"--try {part!r}: expected NAME=v1,v2 with NAME a setting of the launch or backward module"
+                )
+            SHIPPED.setdefault(name, getattr(next(m for m in SETTING_MODULES if hasattr(m, name)), name))
+            axes.append([(name, _setting_value(v.strip())) for v in values.split(",")])
+        variants += [dict(combo) for combo in itertools.product(*axes) if axes]
+    return variants or [{}]
+
+
+SHIPPED: dict = {}  # the value each setting named by --try had before any variant was applied
 
 
 def _setting_value(text: str):
@@ -270,8 +282,9 @@ def _setting_value(text: str):
 
 
 def use_variant(variant: dict) -> str:
-    """Applies the settings; returns the label of the rows measured with them."""
-    for name, value in variant.items():
+    """Applies the settings (every other setting --try named back as shipped); returns the label of the rows
+    measured with them."""
+    for name, value in {**SHIPPED, **variant}.items():
         setattr(next(m for m in SETTING_MODULES if hasattr(m, name)), name, value)
     return "ours" if not variant else "ours [" + " ".join(f"{n}={v}" for n, v in variant.items()) + "]"
 
@@ -341,15 +354,28 @@ def decode(with_fla, results):
                 results.append({"op": "fla fused_recurrent_gla step", "B": B, "skipped": f"{type(e).__name__}: {e}"})
 
 
-def profile(T=8192) -> str:
-    """Per-kernel GPU time of one forward+backward of each case (torch.profiler), top kernels only."""
+def profile(T=8192, with_fla=False) -> str:
+    """Per-kernel GPU time of one forward+backward of each case (torch.profiler), top kernels only; with fla,
+    its op of the same case after ours, kernel beside kernel."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
+    B = max(1, 32768 // T)
+
+    def cases():
+        for (name, (rule, decay, fla_op)), variant in itertools.product(CASES.items(), VARIANTS):
+            yield f"{use_variant(variant)}: {name}", lambda r=rule, d=decay: ours_case(r, d, B, T)
+            if with_fla and variant is VARIANTS[-1]:
+                yield f"fla {fla_op}: {name}", lambda o=fla_op, r=rule, d=decay: fla_case(o, r, d, B, T)
+
     lines = []
-    for (name, (rule, decay, _)), variant in itertools.product(CASES.items(), VARIANTS):
-        name = f"{use_variant(variant)}: {name}"
-        call, tensors = ours_case(rule, decay, max(1, 32768 // T), T)
+    for name, make_case in cases():
+        try:
+            call, tensors = make_case()
+            fwd_bwd(call, tensors)()
+        except Exception as e:  # noqa: BLE001 - a peer that refuses an op is reported, not fatal
+            lines.append(f"{name} (T={T}): skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+            continue
         for _ in range(2):
             fwd_bwd(call, tensors)()
         torch.cuda.synchronize()
@@ -401,7 +427,9 @@ def main() -> None:
     ap.add_argument("--ops", default=None, help=f"comma list of the rules to run (default all): {', '.join(SHORT)}")
     ap.add_argument("--no-decode", action="store_true", help="skip the decoding-step rows")
     ap.add_argument("--quick-check", action="store_true", help="check dense batches with default products only")
-    ap.add_argument("--profile", action="store_true", help="per-kernel times of each case at T = 8192")
+    ap.add_argument(
+        "--profile", action="store_true", help="per-kernel times of each case at T = 8192 (and of fla's, with fla)"
+    )
     ap.add_argument("--peers", default="fla,sdpa,flex", help="comma list of peers to measure: fla, sdpa, flex")
     ap.add_argument("--T", default="2048,4096,8192,32768,131072", help="lengths (B*T = 32K tokens; longer at B = 1)")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
@@ -427,7 +455,7 @@ def main() -> None:
         dest="variants",
         default="",
         help='kernel settings to measure side by side, e.g. "STATE_PASS=fused,two_phase;GLA_INTRA_BWD_BK=0,32" '
-        "(every combination, each a row of its own)",
+        '(every combination, each a row of its own); groups joined by "|" are swept one at a time',
     )
     args = ap.parse_args()
     try:
@@ -463,7 +491,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     check_rows = check(modes=("input",), layouts=(False,)) if args.quick_check else check()
     if args.profile:
-        profile()
+        profile(with_fla=with_fla)
     results: list[dict] = []
     if not args.check_only:
         speed([int(t) for t in args.T.split(",")], with_fla, peers, results, deadline)

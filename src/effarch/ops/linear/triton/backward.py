@@ -86,6 +86,15 @@ STATE_GRAD_BUFFER = "input"
 # "state" for scalar decay, "suffix" per key. On an H200 (8K, bf16, fwd + bwd ms) scalar decay took 2.19 with the
 # state form and input products against 3.01 with suffix sums and tf32; GLA took 5.82 and 6.12 (tf32) against 5.49.
 DECAY_GRAD_LATER = "auto"
+# Warps and pipeline stages of the backward kernels (`benchmarks/linear_ops.py --try` sweeps them): the reverse
+# state pass (the additive rule's two-phase pass, which takes no products, runs with 4 warps whatever this says),
+# the dq / dk / dW kernel and the delta rule's WY backward.
+STATE_BWD_WARPS = 8
+STATE_BWD_STAGES = 2
+DQK_WARPS = 8
+DQK_STAGES = 1
+WY_BWD_WARPS = 8
+WY_BWD_STAGES = 1
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -233,7 +242,8 @@ def chunk_backward(
     bwd_kernels.state_bwd_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
         q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
         q if dU is None else dU, D, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
-        dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else 8, num_stages=2,
+        dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else STATE_BWD_WARPS,
+        num_stages=STATE_BWD_STAGES,
     )  # fmt: skip
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)
     if not delta:
@@ -255,7 +265,7 @@ def chunk_backward(
         q, k, v if p.vnew is None else p.vnew, dummy if p.G is None else p.G, p.h, dh, do, dummy if dU is None else dU,
         dq, dk, dummy if dw is None else dw, dummy if dgx is None else dgx, dummy if dA is None else dA,
         table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), 32), gk, delta,
-        dqk_dtc, num_warps=8, num_stages=1, later=dummy if later is None else later, LATER=from_states,
+        dqk_dtc, num_warps=DQK_WARPS, num_stages=DQK_STAGES, later=dummy if later is None else later, LATER=from_states,
     )  # fmt: skip
     if dgx is not None:
         dgx = dgx.sum(0) if NKq > 1 else dgx[0]
@@ -267,7 +277,7 @@ def chunk_backward(
         bwd_kernels.wy_bwd_kernel[(NT, H)](
             k, v, dummy if p.G is None else p.G, beta, p.X, dU, dk_part, dw, dummy if dgx is None else dgx, dk, dv,
             dbeta, dummy if dg is None else dg, table.chunk_tok, table.chunk_eos, H, K, V, chunk, SUBBLOCK, BK,
-            min(_pow2(V), 32), gk, dtc, num_warps=8, num_stages=1,
+            min(_pow2(V), 32), gk, dtc, num_warps=WY_BWD_WARPS, num_stages=WY_BWD_STAGES,
         )  # fmt: skip
         dbeta = dbeta.to(beta.dtype)
     if gk == 2:

@@ -136,6 +136,11 @@ DELTA_PREP_IN_REGS = True
 DELTA_INVERSE = "doubling"
 DV_LOCAL_WARPS = 4
 OUT_FWD_WARPS = 4
+# Warps and pipeline stages of the sequential state passes (forward; backward in backward.py): each program walks
+# its sequence's chunks one after another, so with few programs per SM (256 at 4 x 8K tokens, 16 heads, 4 value
+# blocks) their latency per chunk sets the pace. Named here so `benchmarks/linear_ops.py --try` can sweep them.
+STATE_FWD_WARPS = 4
+STATE_FWD_STAGES = 3  # Triton's default
 # GLA's intra-chunk scores: keys per block inside a program (0: all at once; whole-K tiles spilled 100 B per thread on
 # sm_90 with 4 warps).
 GLA_INTRA_BK = 64
@@ -291,7 +296,7 @@ def forward_pieces(
         k, v, dummy if W is None else W, dummy if U is None else U, dummy if G is None else G, h,
         dummy if h0 is None else h0, dummy if hT is None else hT, dummy if vnew is None else vnew, D,
         table.cu, table.seq_chunk, H, K, V, chunk, BKs, BV, gkind(g), delta, h0 is not None, store_final, dtc,
-        two_phase, num_warps=4,
+        two_phase, num_warps=STATE_FWD_WARPS, num_stages=STATE_FWD_STAGES,
     )  # fmt: skip
     return ForwardPieces(G, X, W, U, h, vnew, hT)
 
