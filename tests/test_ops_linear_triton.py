@@ -409,6 +409,45 @@ def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
+@pytest.mark.parametrize(("K", "state_pass"), [(40, "fused"), (128, "fused"), (128, "two_phase")])
+def test_delta_reverse_pass_in_key_halves(case, K, state_pass, monkeypatch):
+    """backward.DELTA_STATE_BWD_SPLIT: the delta rule's reverse state pass with the state gradient as two tiles of
+    64 keys (`delta_state_bwd_kernel`; one, masked, at K = 40), its own value blocks (16 of V = 40: the last partly
+    masked), with each chunk's own term formed before the pass (two phases) or inside it, matches the reference:
+    packed sequences with initial states and final-state gradients in float32, and bf16 inputs."""
+    monkeypatch.setattr(backward, "DELTA_STATE_BWD_SPLIT", True)
+    monkeypatch.setattr(backward, "DELTA_SPLIT_BV", 16)
+    monkeypatch.setattr(launch, "STATE_PASS", state_pass)
+    split, whole = [], []
+    spy_launches(monkeypatch, bwd_kernels, "delta_state_bwd_kernel", split.append)
+    spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", whole.append)
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 1, 75, 2, K, 40, n_seq=3, seed=41)
+    cu = torch.tensor([0, 9, 40, 75])
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
+    assert_all_close(ours, ref, 1e-5)
+    check_bf16_on_the_interpreter(case, 1, K, seed=42)
+    assert len(split) == 2 and not whole
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
+def test_delta_reverse_pass_in_key_halves_only_up_to_128_keys(case, monkeypatch):
+    """Heads wider than 128 keys keep the one-tile pass whatever DELTA_STATE_BWD_SPLIT says."""
+    monkeypatch.setattr(backward, "DELTA_STATE_BWD_SPLIT", True)
+    split = []
+    spy_launches(monkeypatch, bwd_kernels, "delta_state_bwd_kernel", split.append)
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 1, 20, 1, 160, 16, seed=43)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, 1e-5)
+    assert split == []
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["delta", "gated_delta"])
 @pytest.mark.parametrize("dots", ["input", "tf32"])
 def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
     """backward.DELTA_DQK_DOTS with bf16 inputs at K = 128: "tf32" runs the delta rule's dq / dk / dW kernel with
@@ -751,6 +790,15 @@ SETTINGS = [
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),
+    *(
+        {"DELTA_STATE_BWD_SPLIT": True, "DELTA_SPLIT_BV": bv, "DELTA_SPLIT_WARPS": w, "STATE_PASS": p, "case": c}
+        for bv, w, p in ((32, 8, "fused"), (32, 4, "fused"), (64, 8, "fused"), (32, 8, "two_phase"))
+        for c in ("delta", "gated_delta")
+    ),
+    *({"STATE_BWD_WARPS": 4, "case": c} for c in CASES),
+    *({"DQK_WARPS": 4, "case": c} for c in CASES),
+    *({"WY_BWD_WARPS": 4, "case": c} for c in ("delta", "gated_delta")),
+    *({"STATE_FWD_WARPS": 8, "case": c} for c in CASES),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
     *({"SAVE_STATES": False, "case": c} for c in CASES),
 ]

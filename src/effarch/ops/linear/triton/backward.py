@@ -95,6 +95,14 @@ DQK_WARPS = 8
 DQK_STAGES = 1
 WY_BWD_WARPS = 8
 WY_BWD_STAGES = 1
+# The delta rule's reverse state pass with the state gradient held as two [64, BV] tiles of keys
+# (`delta_state_bwd_kernel`, heads of at most 128 keys) rather than one [K, BV] tile: each product is then 64 keys
+# deep or wide, as in fla's pass. Compiled for sm_90 at K = V = 128 with 8 warps (bf16 products, BV 32) it spills 0 B
+# per thread against 104 (gated delta 72 against 140). Off until timed side by side on a GPU
+# (`linear_ops.py --try "DELTA_STATE_BWD_SPLIT=false,true"`); values per program and warps of its own.
+DELTA_STATE_BWD_SPLIT = False
+DELTA_SPLIT_BV = 32
+DELTA_SPLIT_WARPS = 8
 
 
 def reverse_cumsum(x: torch.Tensor, dim: int, block: int = 64) -> torch.Tensor:
@@ -239,12 +247,19 @@ def chunk_backward(
         BKs, BVs = state_blocks(K, V, N * H, split=additive_decay)
         if delta and state_dtc in (0, 4):
             BVs = min(BVs, DELTA_STATE_BWD_BV)
-    bwd_kernels.state_bwd_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
-        q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
-        q if dU is None else dU, D, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
-        dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else STATE_BWD_WARPS,
-        num_stages=STATE_BWD_STAGES,
-    )  # fmt: skip
+    if delta and K <= 128 and DELTA_STATE_BWD_SPLIT:  # the state gradient as two tiles of 64 keys
+        bwd_kernels.delta_state_bwd_kernel[(cdiv(V, DELTA_SPLIT_BV), N * H)](
+            q, k, p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0, dU, D, table.cu,
+            table.seq_chunk, scale, H, K, V, chunk, DELTA_SPLIT_BV, gk, dhT is not None, True, state_dtc, two_phase,
+            num_warps=DELTA_SPLIT_WARPS, num_stages=STATE_BWD_STAGES,
+        )  # fmt: skip
+    else:
+        bwd_kernels.state_bwd_kernel[(cdiv(V, BVs), cdiv(K, BKs), N * H)](
+            q, k, q if p.W is None else p.W, q if p.G is None else p.G, do, dh, q if dhT is None else dhT, dh0,
+            q if dU is None else dU, D, table.cu, table.seq_chunk, scale, H, K, V, chunk, BKs, BVs, gk, delta,
+            dhT is not None, True, state_dtc, two_phase, num_warps=4 if two_phase and not delta else STATE_BWD_WARPS,
+            num_stages=STATE_BWD_STAGES,
+        )  # fmt: skip
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)
     if not delta:
         dv_local(dv, dh, True, local_dtc)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from effarch.ops.linear.triton.fwd_kernels import chunk_tile, last_log_decay, mm, sequence_of
+from effarch.ops.linear.triton.fwd_kernels import chunk_tile, last_log_decay, mm, operand, sequence_of
 
 
 @triton.jit
@@ -137,6 +137,124 @@ def state_bwd_kernel(
                 dS = dS * decay_last + local
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + off_kv, dS, mask=mkv)
+
+
+@triton.jit
+def _delta_bwd_half(q, k, W, dd, dS, tok, mt, rows, kscale, qscale, scale, own,
+                    K: tl.constexpr, GKIND: tl.constexpr, DTC: tl.constexpr, PRE: tl.constexpr):  # fmt: skip
+    """One 64-key half of the delta rule's reverse step: (its share k dS of dU, and the [64, BV] tiles it needs
+    for the state update: scale (Q e^G)^T dO and W^T, loaded as [64, BT])."""
+    m_tk = mt[:, None] & (rows < K)[None, :]
+    kk = tl.load(k + tok[:, None] * K + rows[None, :], mask=m_tk, other=0.0)
+    if GKIND == 1:
+        kk = operand(kk.to(tl.float32) * kscale[:, None], DTC)
+    share = mm(kk, dS, DTC)
+    if PRE:
+        local = own
+    else:
+        qq = tl.load(q + tok[:, None] * K + rows[None, :], mask=m_tk, other=0.0)
+        if GKIND == 1:
+            qq = operand(qq.to(tl.float32) * qscale[:, None], DTC)
+        local = scale * mm(tl.trans(qq), dd, DTC)
+    wT = tl.load(W + tok[None, :] * K + rows[:, None], mask=(rows < K)[:, None] & mt[None, :], other=0.0)
+    return share, local, wT
+
+
+@triton.jit
+def delta_state_bwd_kernel(
+    q,
+    k,
+    W,
+    G,
+    do,
+    dhbuf,
+    dhT,
+    dh0,
+    dU,
+    D,
+    cu,
+    seq_chunk,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    GKIND: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    DTC: tl.constexpr,
+    PRE: tl.constexpr,
+):
+    """The delta rule's reverse state pass (state_bwd_kernel with DELTA, K <= 128, no decay or a scalar one) with
+    the state gradient held as two [64, BV] tiles of keys instead of one [K, BV]: every product is then 64 keys
+    deep or wide, which the compiler keeps in fewer registers (fla's reverse pass takes the same split). Every key
+    stays in the program, as dU needs them all. Same inputs and outputs as state_bwd_kernel; grid
+    (cdiv(V, BV), N * H)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h, bos, eos, c0, c1 = sequence_of(cu, seq_chunk, i_nh, H)
+    rb = tl.arange(0, BT)
+    r1 = tl.arange(0, 64)
+    r2 = 64 + r1
+    rv = i_v * BV + tl.arange(0, BV)
+    mv = rv < V
+    m1 = (r1 < K)[:, None] & mv[None, :]
+    m2 = (r2 < K)[:, None] & mv[None, :]
+    off1 = r1[:, None] * V + rv[None, :]
+    off2 = r2[:, None] * V + rv[None, :]
+    state0 = i_nh.to(tl.int64) * K * V
+    dS1 = tl.zeros([64, BV], dtype=tl.float32)
+    dS2 = tl.zeros([64, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dS1 += tl.load(dhT + state0 + off1, mask=m1, other=0.0).to(tl.float32)
+        if K > 64:
+            dS2 += tl.load(dhT + state0 + off2, mask=m2, other=0.0).to(tl.float32)
+    own1 = dS1
+    own2 = dS2
+    for j in range(0, c1 - c0):
+        c = c1 - 1 - j
+        t0 = bos + (c - c0) * BT
+        chunk0 = (c * H + i_h).to(tl.int64) * K * V
+        if PRE:  # the chunk's own term scale (Q e^G)^T dO from chunk_outer_kernel, read before dS takes its slot
+            own1 = tl.load(D + chunk0 + off1, mask=m1, other=0.0)
+            if K > 64:
+                own2 = tl.load(D + chunk0 + off2, mask=m2, other=0.0)
+        tl.store(dhbuf + chunk0 + off1, dS1.to(dhbuf.dtype.element_ty), mask=m1)
+        if K > 64:
+            tl.store(dhbuf + chunk0 + off2, dS2.to(dhbuf.dtype.element_ty), mask=m2)
+        rt = t0 + rb
+        mt = rt < eos
+        t_last = tl.minimum(t0 + BT, eos) - 1
+        tok = rt.to(tl.int64) * H + i_h
+        if GKIND == 1:
+            gt = tl.load(G + tok, mask=mt, other=0.0)
+            gl = tl.sum(tl.where(rt == t_last, gt, 0.0), axis=0)  # G at the chunk's last token (0 if empty)
+            decay_last = tl.exp(gl)
+            kscale = tl.exp(tl.where(mt, gl - gt, float("-inf")))
+            qscale = tl.exp(gt)
+        else:
+            decay_last = 1.0
+            kscale = tl.zeros([BT], dtype=tl.float32)  # unused without a decay
+            qscale = kscale
+        m_tv = mt[:, None] & mv[None, :]
+        off_tv = tok[:, None] * V + rv[None, :]
+        dd = tl.load(do + off_tv, mask=m_tv, other=0.0)
+        share1, local1, w1 = _delta_bwd_half(q, k, W, dd, dS1, tok, mt, r1, kscale, qscale, scale, own1,
+                                             K, GKIND, DTC, PRE)  # fmt: skip
+        # dU holds the chunk-local part scale P^T dO (`dv_local_kernel`); the state's part is added in place
+        du = tl.load(dU + off_tv, mask=m_tv, other=0.0) + share1
+        if K > 64:
+            share2, local2, w2 = _delta_bwd_half(q, k, W, dd, dS2, tok, mt, r2, kscale, qscale, scale, own2,
+                                                 K, GKIND, DTC, PRE)  # fmt: skip
+            du += share2
+        tl.store(dU + off_tv, du.to(dU.dtype.element_ty), mask=m_tv)
+        dS1 = dS1 * decay_last + local1 - mm(w1, du, DTC)
+        if K > 64:
+            dS2 = dS2 * decay_last + local2 - mm(w2, du, DTC)
+    if STORE_DH0:
+        tl.store(dh0 + state0 + off1, dS1, mask=m1)
+        if K > 64:
+            tl.store(dh0 + state0 + off2, dS2, mask=m2)
 
 
 @triton.jit

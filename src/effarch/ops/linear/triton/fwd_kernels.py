@@ -40,6 +40,18 @@ def mm(a, b, DTC: tl.constexpr):
 
 
 @triton.jit
+def operand(x, DTC: tl.constexpr):
+    """x rounded as `mm` rounds its operands (a no-op for float32 products): mm(operand(a), b) equals mm(a, b)
+    exactly, and a scaled tile kept for a product holds half the registers in a 16-bit dtype."""
+    if DTC == 1:
+        return x.to(tl.bfloat16)
+    elif DTC == 2:
+        return x.to(tl.float16)
+    else:
+        return x
+
+
+@triton.jit
 def sequence_of(cu, seq_chunk, i_nh, H: tl.constexpr):
     """Program i_nh = sequence * H + head of a pass over one sequence's chunks: (head, first token, end token,
     first chunk, end chunk)."""
