@@ -432,6 +432,22 @@ def test_delta_reverse_pass_in_key_halves(case, K, state_pass, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("case", ["linear", "scalar", "per_key", "delta", "gated_delta"])
+def test_dq_dk_kernel_value_steps(case, monkeypatch):
+    """backward.DQK_BV: the dq / dk / dW kernel's loop over V in steps of 16 (V = 40: three steps, the last partly
+    masked) matches the reference."""
+    monkeypatch.setattr(backward, "DQK_BV", 16)
+    steps = []
+    spy_launches(monkeypatch, bwd_kernels, "dqk_kernel", lambda a: steps.append(a[23]))  # BV
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=44)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+    assert steps == [16]
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
 def test_delta_reverse_pass_in_key_halves_only_up_to_128_keys(case, monkeypatch):
     """Heads wider than 128 keys keep the one-tile pass whatever DELTA_STATE_BWD_SPLIT says."""
@@ -799,6 +815,8 @@ SETTINGS = [
     *({"DQK_WARPS": 4, "case": c} for c in CASES),
     *({"WY_BWD_WARPS": 4, "case": c} for c in ("delta", "gated_delta")),
     *({"STATE_FWD_WARPS": 8, "case": c} for c in CASES),
+    *({"DQK_SPLIT_HALF": True, "DQK_BV": bv, "case": c} for bv in (32, 64) for c in CASES),
+    *({"DQK_BV": 64, "case": c} for c in CASES),
     {"GLA_INTRA_BK": 0, "case": "per_key"},
     *({"SAVE_STATES": False, "case": c} for c in CASES),
 ]

@@ -93,6 +93,13 @@ STATE_BWD_WARPS = 8
 STATE_BWD_STAGES = 2
 DQK_WARPS = 8
 DQK_STAGES = 1
+# The dq / dk / dW kernel's value columns per step of its loop over V, and whether it takes 64 keys per program with
+# products in the inputs' 16-bit dtype too (it does with tf32 products, and under the interpreter). Keys split that
+# way gave a wrong dk for the delta rule on an H200 with Triton 3.6 (values in steps of 32: products [64, 32] x
+# [32, 64], a shape of Hopper's wgmma bugs, see launch.WGMMA); steps of 64 may avoid it. Its three [64, K] float32
+# accumulators then hold half the registers. As shipped until checked and timed on a GPU.
+DQK_BV = 32
+DQK_SPLIT_HALF = False
 WY_BWD_WARPS = 8
 WY_BWD_STAGES = 1
 # The delta rule's reverse state pass with the state gradient held as two [64, BV] tiles of keys
@@ -271,7 +278,7 @@ def chunk_backward(
     # Key columns per program: with blocks of 64 the [C, BK] float32 accumulators stay in registers. Not with
     # native 16-bit products (DTC 1, 2): there the split gave wrong dk for the delta rule on an H200 with Triton 3.6.
     dqk_dtc = 4 if (half and delta and DELTA_DQK_DOTS == "tf32") else local_dtc
-    BKq = BK if dqk_dtc in (1, 2) else min(BK, 64)
+    BKq = BK if dqk_dtc in (1, 2) and not DQK_SPLIT_HALF else min(BK, 64)
     NKq = cdiv(K, BKq)
     dgx = f32(NKq, T, H) if gk == 1 else None
     dA = f32(T, H, chunk) if gk == 2 else None
@@ -279,7 +286,7 @@ def chunk_backward(
     bwd_kernels.dqk_kernel[(NT, H, NKq)](
         q, k, v if p.vnew is None else p.vnew, dummy if p.G is None else p.G, p.h, dh, do, dummy if dU is None else dU,
         dq, dk, dummy if dw is None else dw, dummy if dgx is None else dgx, dummy if dA is None else dA,
-        table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), 32), gk, delta,
+        table.chunk_tok, table.chunk_eos, scale, T, H, K, V, chunk, BKq, BK, min(_pow2(V), DQK_BV), gk, delta,
         dqk_dtc, num_warps=DQK_WARPS, num_stages=DQK_STAGES, later=dummy if later is None else later, LATER=from_states,
     )  # fmt: skip
     if dgx is not None:
