@@ -234,6 +234,16 @@ def check_bf16_on_the_interpreter(case: str, H: int, K: int, seed: int) -> None:
     assert_all_close(ours, ref, 2e-2)
 
 
+def check_values_40_wide(case: str, seed: int) -> None:
+    """Float32 inputs with V = 40 (value blocks of 16 or 32 end partly masked; 2 x 45 tokens, 2 heads of 16 keys)
+    against the reference."""
+    rule, decay = CASES[case]
+    q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=seed)
+    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
+    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
+    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+
+
 def packed_or_dense(case: str, packed: bool, L: int, K: int, seed: int):
     """(q, k, v, kw, cu_seqlens) of 2 heads, V = 16: packed, sequences of 5, 0, 2L - 5 and L // 4 + 2 tokens
     (an empty one, lengths not multiples of the chunk); dense, 2 sequences of 2L tokens."""
@@ -394,11 +404,7 @@ def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
     monkeypatch.setattr(backward, "DELTA_STATE_BWD_BV", 16)
     blocks = []
     spy_launches(monkeypatch, bwd_kernels, "state_bwd_kernel", lambda a: blocks.append(a[18]))  # BV
-    rule, decay = CASES[case]
-    q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=28)
-    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
-    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
-    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+    check_values_40_wide(case, seed=28)
     assert blocks == [16]
     for dots, width in (("tf32", 16), ("input", 32)):
         monkeypatch.setattr(backward, "STATE_BWD_DOTS", dots)
@@ -439,11 +445,7 @@ def test_dq_dk_kernel_value_steps(case, monkeypatch):
     monkeypatch.setattr(backward, "DQK_BV", 16)
     steps = []
     spy_launches(monkeypatch, bwd_kernels, "dqk_kernel", lambda a: steps.append(a[23]))  # BV
-    rule, decay = CASES[case]
-    q, k, v, kw = make(rule, decay, 2, 45, 2, 16, 40, seed=44)
-    ours = outputs_and_grads(linear_recurrence_triton, q, k, v, kw)
-    ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw)
-    assert_all_close(ours, ref, TOL.get(case, 1e-5))
+    check_values_40_wide(case, seed=44)
     assert steps == [16]
 
 
