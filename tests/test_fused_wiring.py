@@ -220,6 +220,52 @@ def test_compiled_fused_model_equals_eager(monkeypatch):
     assert set(calls) == {"norm", "glu", "rotary"}
 
 
+@pytest.mark.parametrize(
+    ("spec", "kernels"),
+    [
+        ("gated-deltanet:debug", {"linear_recurrence_chunk_bwd", "causal_conv1d_bwd"}),
+        pytest.param(  # GLA has no short convolutions; its kernels' calls trace as Gated DeltaNet's do
+            "gla:debug",
+            {"linear_recurrence_chunk_bwd", "fused_log_sigmoid_decay_fwd"},
+            marks=pytest.mark.skipif(not CUDA, reason="on the CPU one compiled model (40 s) covers the mechanism"),
+        ),
+    ],
+)
+def test_compiled_linear_model_equals_eager(spec, kernels, monkeypatch):
+    # A linear model compiled block by block (fullgraph) with its linear recurrence, short convolutions, gates and
+    # norms on their Triton kernels, its first call compiled: every dispatcher traces (no globals(), no import in
+    # the trace), AOT autograd traces every backward through the kernels' custom ops (a kernel launched on a traced
+    # tensor fails), and the compiled model computes what the eager one does.
+    from effarch.layers.linear_mixer import LinearMixer
+
+    monkeypatch.setattr(LinearMixer, "backend", "triton")
+    from effarch.ops import conv, linear
+
+    recurrences = []
+    real = custom_op.KernelCall.__call__
+
+    def spy(kernel, *args):
+        if kernel.name.startswith(("effarch::linear_recurrence", "effarch::causal_conv1d", "effarch::fused_log")):
+            recurrences.append(kernel.name)
+        return real(kernel, *args)
+
+    monkeypatch.setattr(custom_op.KernelCall, "__call__", spy)
+    monkeypatch.setattr(conv, "_on_gpu", lambda x: True)  # the short convolution's kernel on the CPU too
+    for module in (conv, linear):  # as in a fresh process: compile_model loads the kernel modules before any trace
+        monkeypatch.setattr(module, "_triton", None)
+    torch.manual_seed(0)
+    eager = build_model(preset_config(spec)).to(DEV)
+    compiled = build_model(preset_config(spec)).to(DEV)
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, fullgraph=True)
+    ids = torch.randint(0, 260, (2, 40), device=DEV)
+    with fused.use_fused(FORCE):
+        out = _run(compiled, ids)
+        ref = _run(eager, ids)
+    _assert_same(out, ref)
+    assert {f"effarch::{k}" for k in kernels} <= set(recurrences)
+
+
 def test_switch_function():
     f32 = torch.float32
     with fused.use_fused(False):

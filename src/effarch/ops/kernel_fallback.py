@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import warnings
 from collections.abc import Callable, Hashable
+from types import ModuleType
 from typing import TypeVar
 
 R = TypeVar("R")
@@ -38,22 +39,23 @@ class KernelFallback:
         return slow()
 
 
-def import_once(namespace: dict, module: str, names: tuple[str, ...]) -> tuple | ImportError:
-    """`namespace["_triton"]`: the named objects of `module` (a tuple), or the ImportError met; imported on the
-    first call and kept in the caller's module globals (where tests can replace it)."""
-    if namespace.get("_triton") is None:
+def import_once(owner: ModuleType, module: str, names: tuple[str, ...]) -> tuple | ImportError:
+    """`owner._triton`: the named objects of `module` (a tuple), or the ImportError met; imported on the first
+    call and kept on the calling module `owner` (where tests can replace it). The owner is passed as its module
+    object, not its globals(), which torch.compile cannot trace."""
+    if getattr(owner, "_triton", None) is None:
         try:
             mod = importlib.import_module(module)
-            namespace["_triton"] = tuple(getattr(mod, n) for n in names)
+            owner._triton = tuple(getattr(mod, n) for n in names)
         except ImportError as e:
-            namespace["_triton"] = e
+            owner._triton = e
         except AttributeError as e:
-            namespace["_triton"] = ImportError(str(e))
-    return namespace["_triton"]
+            owner._triton = ImportError(str(e))
+    return owner._triton
 
 
 def kernel_or_reference(
-    namespace: dict,
+    owner: ModuleType,
     load: Callable[[], tuple | ImportError],
     key: Hashable,
     first: object,
@@ -61,13 +63,13 @@ def kernel_or_reference(
     call_args: tuple,
     reference: Callable[[], R],
 ) -> R:
-    """The dispatch of an op whose module holds `AUTO_TRITON` (the switch), `_on_gpu(tensor)` and `_fallback` (a
-    `KernelFallback`), read from `namespace` at each call so tests can replace them: the kernel `load()[0](*call_args)`
+    """The dispatch of an op whose module `owner` holds `AUTO_TRITON` (the switch), `_on_gpu(tensor)` and `_fallback`
+    (a `KernelFallback`), read from it at each call so tests can replace them: the kernel `load()[0](*call_args)`
     when the switch is on, `first` is on the GPU and `load()[1](*supports_args)` accepts the call, else `reference()`
     (also when the kernel cannot be imported or built)."""
-    if not (namespace["AUTO_TRITON"] and namespace["_on_gpu"](first)):
+    if not (owner.AUTO_TRITON and owner._on_gpu(first)):
         return reference()
     loaded = load()
     if isinstance(loaded, ImportError) or not loaded[1](*supports_args):
         return reference()
-    return namespace["_fallback"].run(key, lambda: loaded[0](*call_args), reference)
+    return owner._fallback.run(key, lambda: loaded[0](*call_args), reference)

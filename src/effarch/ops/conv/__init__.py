@@ -10,11 +10,15 @@ copies around them (of 668 ms). The kernel reads x and writes y once, in place o
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
 
 from effarch.ops.kernel_fallback import KernelFallback, import_once, kernel_or_reference
+
+_THIS = sys.modules[__name__]  # this module, where the loaded kernels are kept (see import_once)
+_triton: tuple[Callable, Callable] | ImportError | None = None
 
 _fallback = KernelFallback("causal_conv1d", "the PyTorch convolution")
 
@@ -28,7 +32,7 @@ def _on_gpu(x: torch.Tensor) -> bool:
 
 
 def _load() -> tuple[Callable, Callable] | ImportError:
-    return import_once(globals(), "effarch.ops.conv.kernels", ("causal_conv1d_triton", "triton_supports"))
+    return import_once(_THIS, "effarch.ops.conv.kernels", ("causal_conv1d_triton", "triton_supports"))
 
 
 def causal_conv1d(
@@ -44,7 +48,7 @@ def causal_conv1d(
     fails to build: reported once per shape)."""
     key = (x.shape[-1], weight.shape[-1], x.dtype, weight.dtype, activation, cu_seqlens is None)
     return kernel_or_reference(
-        globals(), _load, key, x, (x, weight, activation, cu_seqlens), (x, weight, bias, activation, cu_seqlens),
+        _THIS, _load, key, x, (x, weight, activation, cu_seqlens), (x, weight, bias, activation, cu_seqlens),
         reference,
     )  # fmt: skip
 

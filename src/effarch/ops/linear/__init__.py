@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -13,6 +14,8 @@ from effarch.ops.linear.chunk import linear_recurrence_chunked
 from effarch.ops.linear.parallel import linear_recurrence_parallel
 from effarch.ops.linear.reference import linear_recurrence_reference
 
+_THIS = sys.modules[__name__]  # this module, where the loaded kernels are kept (see import_once)
+
 BACKENDS = ("auto", "reference", "torch", "triton")
 PARALLEL_MAX_T = 64  # the "torch" backend uses the quadratic form up to this length, chunks beyond
 
@@ -22,7 +25,7 @@ _warned: set[str] = set()
 
 def _load_triton() -> tuple[Callable, Callable] | ImportError:
     """(linear_recurrence_triton, triton_supports), or the ImportError met; imported once, lazily."""
-    return import_once(globals(), "effarch.ops.linear.triton", ("linear_recurrence_triton", "triton_supports"))
+    return import_once(_THIS, "effarch.ops.linear.triton", ("linear_recurrence_triton", "triton_supports"))
 
 
 def _torch_forms(

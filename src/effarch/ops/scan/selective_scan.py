@@ -4,6 +4,7 @@ the Triton kernels."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from effarch.ops.kernel_fallback import KernelFallback, import_once
 from effarch.ops.scan.parallel import selective_scan_parallel
 from effarch.ops.scan.reference import selective_scan_reference
+
+_THIS = sys.modules[__name__]  # this module, where the loaded kernels are kept (see import_once)
 
 BACKENDS = ("auto", "reference", "torch", "triton")
 
@@ -21,7 +24,7 @@ _fallback = KernelFallback("selective_scan", "the PyTorch parallel scan")
 def _load_triton() -> tuple[Callable, Callable] | ImportError:
     """(selective_scan_triton, triton_supports), or the ImportError met; imported once, lazily (so that tests
     can turn the Triton interpreter on before any kernel is defined)."""
-    return import_once(globals(), "effarch.ops.scan.triton", ("selective_scan_triton", "triton_supports"))
+    return import_once(_THIS, "effarch.ops.scan.triton", ("selective_scan_triton", "triton_supports"))
 
 
 # The kernels pass every interpreter test and the CUDA tests on an H200 (Triton 3.6), where forward+backward ran 4-13x

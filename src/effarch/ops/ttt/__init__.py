@@ -9,11 +9,15 @@ form, whose steps autograd differentiates).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 import torch
 
 from effarch.ops.kernel_fallback import KernelFallback, import_once, kernel_or_reference
+
+_THIS = sys.modules[__name__]  # this module, where the loaded kernels are kept (see import_once)
+_triton: tuple[Callable, Callable] | ImportError | None = None
 
 _fallback = KernelFallback("ttt_linear_minibatch", "the PyTorch loop")
 
@@ -27,7 +31,7 @@ def _on_gpu(x: torch.Tensor) -> bool:
 
 
 def _load() -> tuple[Callable, Callable] | ImportError:
-    return import_once(globals(), "effarch.ops.ttt.kernels", ("ttt_minibatch_triton", "triton_supports"))
+    return import_once(_THIS, "effarch.ops.ttt.kernels", ("ttt_minibatch_triton", "triton_supports"))
 
 
 def ttt_minibatch(
@@ -46,5 +50,5 @@ def ttt_minibatch(
     (AUTO_TRITON), else from `reference()` (also when the kernel fails to build: reported once per shape)."""
     key = (tuple(q.shape[2:]), size, q.device.type)
     return kernel_or_reference(
-        globals(), _load, key, q, (q, gamma, state, size), (q, k, target, eta, gamma, beta, state, size), reference
+        _THIS, _load, key, q, (q, gamma, state, size), (q, k, target, eta, gamma, beta, state, size), reference
     )
