@@ -20,17 +20,23 @@ def load_kernels() -> None:
 
 
 def compile_model(
-    model: torch.nn.Module, *, mode: str | None = None, dynamic: bool | None = False, fullgraph: bool = False
+    model: torch.nn.Module,
+    *,
+    mode: str | None = None,
+    dynamic: bool | None = False,
+    fullgraph: bool = False,
+    backend: str = "inductor",
 ) -> torch.nn.Module:
     """Compile each block of an effarch model in place and return the model.
 
     `mode` as for torch.compile ("default", "reduce-overhead", "max-autotune"); `dynamic=False` specialises
-    on shapes, which suits training at a fixed length.
+    on shapes, which suits training at a fixed length; `backend` as for torch.compile ("aot_eager" traces without
+    generating code, to check that a model traces).
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise ValueError("compile_model expects an effarch model with .blocks")
     load_kernels()
     for block in blocks:
-        block.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+        block.compile(mode=mode, dynamic=dynamic, fullgraph=fullgraph, backend=backend)
     return model
