@@ -234,12 +234,12 @@ def test_linear_ops_kernel_variants_parse_and_apply(monkeypatch):
     monkeypatch.setattr(linear_ops, "SHIPPED", {})
     monkeypatch.setattr(launch, "SAVE_STATES", launch.SAVE_STATES)
     variants = linear_ops.parse_variants("STATE_PASS=fused,two_phase; GLA_INTRA_BWD_BK=0,32")
-    assert variants == [{"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)]
+    assert variants == [{}] + [{"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)]
     assert linear_ops.parse_variants("") == [{}]
-    assert linear_ops.parse_variants("SAVE_STATES=false,True") == [{"SAVE_STATES": False}, {"SAVE_STATES": True}]
+    assert linear_ops.parse_variants("SAVE_STATES=false,True") == [{}, {"SAVE_STATES": False}, {"SAVE_STATES": True}]
     monkeypatch.setattr(launch, "STATE_PASS", launch.STATE_PASS)
     monkeypatch.setattr(launch, "GLA_INTRA_BWD_BK", launch.GLA_INTRA_BWD_BK)
-    assert linear_ops.use_variant(variants[3]) == "ours [STATE_PASS=two_phase GLA_INTRA_BWD_BK=32]"
+    assert linear_ops.use_variant(variants[4]) == "ours [STATE_PASS=two_phase GLA_INTRA_BWD_BK=32]"
     assert (launch.STATE_PASS, launch.GLA_INTRA_BWD_BK) == ("two_phase", 32)
     assert linear_ops.use_variant({}) == "ours"
     for bad in ("NOT_A_SETTING=1", "STATE_PASS", "triton=1", "STATE_PASS=fused|NOPE=2"):
@@ -258,8 +258,8 @@ def test_linear_ops_variant_groups_sweep_one_at_a_time(monkeypatch):
     monkeypatch.setattr(launch, "STATE_FWD_WARPS", 4)
     monkeypatch.setattr(backward, "DQK_WARPS", 8)
     variants = linear_ops.parse_variants("STATE_FWD_WARPS=2,8 | DQK_WARPS=4")
-    assert variants == [{"STATE_FWD_WARPS": 2}, {"STATE_FWD_WARPS": 8}, {"DQK_WARPS": 4}]
-    assert linear_ops.use_variant(variants[1]) == "ours [STATE_FWD_WARPS=8]"
-    assert linear_ops.use_variant(variants[2]) == "ours [DQK_WARPS=4]"
+    assert variants == [{}, {"STATE_FWD_WARPS": 2}, {"STATE_FWD_WARPS": 8}, {"DQK_WARPS": 4}]
+    assert linear_ops.use_variant(variants[2]) == "ours [STATE_FWD_WARPS=8]"
+    assert linear_ops.use_variant(variants[3]) == "ours [DQK_WARPS=4]"
     assert (launch.STATE_FWD_WARPS, backward.DQK_WARPS) == (4, 4)
     assert linear_ops.use_variant({}) == "ours" and (launch.STATE_FWD_WARPS, backward.DQK_WARPS) == (4, 8)

@@ -88,8 +88,10 @@ STATE_GRAD_BUFFER = "input"
 DECAY_GRAD_LATER = "auto"
 # Warps and pipeline stages of the backward kernels (`benchmarks/linear_ops.py --try` sweeps them): the reverse
 # state pass (the additive rule's two-phase pass, which takes no products, runs with 4 warps whatever this says),
-# the dq / dk / dW kernel and the delta rule's WY backward.
-STATE_BWD_WARPS = 8
+# the dq / dk / dW kernel and the delta rule's WY backward. On an H200 (8K, bf16, fwd + bwd ms, one run) 4 warps for
+# the reverse state pass and the WY backward took the delta rule from 3.79 to 3.21 and gated delta from 4.75 to 4.15
+# (each alone: 3.46 / 4.40 with the WY backward's); GLA unchanged (5.27 against 5.28).
+STATE_BWD_WARPS = 4
 STATE_BWD_STAGES = 2
 DQK_WARPS = 8
 DQK_STAGES = 1
@@ -100,13 +102,14 @@ DQK_STAGES = 1
 # accumulators then hold half the registers. As shipped until checked and timed on a GPU.
 DQK_BV = 32
 DQK_SPLIT_HALF = False
-WY_BWD_WARPS = 8
+WY_BWD_WARPS = 4
 WY_BWD_STAGES = 1
 # The delta rule's reverse state pass with the state gradient held as two [64, BV] tiles of keys
 # (`delta_state_bwd_kernel`, heads of at most 128 keys) rather than one [K, BV] tile: each product is then 64 keys
 # deep or wide, as in fla's pass. Compiled for sm_90 at K = V = 128 with 8 warps (bf16 products, BV 32) it spills 0 B
-# per thread against 104 (gated delta 72 against 140). Off until timed side by side on a GPU
-# (`linear_ops.py --try "DELTA_STATE_BWD_SPLIT=false,true"`); values per program and warps of its own.
+# per thread against 104 (gated delta 72 against 140). Timed on an H200 (8K, fwd + bwd ms, 4 warps, BV 64, WY backward
+# with 4 warps): 3.19 against the one-tile pass's 3.21 with 4 warps, gated delta 4.17 against 4.15: a wash, so off;
+# values per program and warps of its own.
 DELTA_STATE_BWD_SPLIT = False
 DELTA_SPLIT_BV = 32
 DELTA_SPLIT_WARPS = 8
