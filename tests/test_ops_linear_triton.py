@@ -310,8 +310,7 @@ def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeyp
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize(("block", "warps"), [(8, 1), (16, 2)])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(("block", "warps", "packed"), [(8, 1, False), (16, 2, True)])
 def test_decay_suffix_pass_in_narrower_key_blocks(block, warps, packed, monkeypatch):
     """backward.DECAY_SUFFIX_BD / DECAY_SUFFIX_WARPS: the per-key decay gradient's suffix pass in blocks of 8 or 16
     keys (K = 40: a partial last block) gives the results of blocks of 32 to float32 rounding, and the
@@ -414,8 +413,15 @@ def test_delta_reverse_pass_in_narrower_value_blocks(case, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("case", ["delta", "gated_delta"])
-@pytest.mark.parametrize(("K", "state_pass"), [(40, "fused"), (128, "fused"), (128, "two_phase")])
+@pytest.mark.parametrize(
+    ("case", "K", "state_pass"),
+    [
+        ("delta", 40, "fused"),
+        ("gated_delta", 40, "two_phase"),
+        ("delta", 128, "two_phase"),
+        ("gated_delta", 128, "fused"),
+    ],
+)
 def test_delta_reverse_pass_in_key_halves(case, K, state_pass, monkeypatch):
     """backward.DELTA_STATE_BWD_SPLIT: the delta rule's reverse state pass with the state gradient as two tiles of
     64 keys (`delta_state_bwd_kernel`; one, masked, at K = 40), its own value blocks (16 of V = 40: the last partly
@@ -551,8 +557,7 @@ def test_delta_inverse_in_registers_matches_the_memory_form(case, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("case", ["delta", "gated_delta"])
-@pytest.mark.parametrize("in_regs", [False, True])
+@pytest.mark.parametrize(("case", "in_regs"), [("delta", False), ("gated_delta", True)])
 @pytest.mark.parametrize("keys", ["random", "alike"])
 def test_delta_inverse_by_doubling_matches_substitution(case, in_regs, keys, monkeypatch):
     """launch.DELTA_INVERSE = "doubling": each 16 x 16 diagonal block of (I + A)^{-1} from the inverses of its
@@ -586,8 +591,8 @@ def test_scan_blocks_cover_the_state_in_small_tiles():
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("strength", [1.0, 30.0, "mixed"])
-@pytest.mark.parametrize("key_block", [0, 16])
+# key_block 0 in one block of 40 keys: mild, then strong; key_block 16 "mixed" takes both forms in one call
+@pytest.mark.parametrize(("strength", "key_block"), [(1.0, 0), (30.0, 0), ("mixed", 16)])
 def test_per_key_decay_mild_and_strong(strength, key_block, monkeypatch):
     """The per-key intra-chunk kernels take one product per sub-block when its decay spans at most SPREAD in
     log space, and the column-by-column form otherwise: log decays of -strength * U(0, 1) per token put
