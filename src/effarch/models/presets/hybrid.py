@@ -8,6 +8,7 @@ attention 1 : 1, arXiv 2406.07522). Below 8 layers the ratio is kept as close as
 from __future__ import annotations
 
 from effarch.models.presets._sizes import SIZES, pure_config
+from effarch.models.presets.delta import gdn_heads
 from effarch.registry import register_preset
 
 
@@ -41,11 +42,7 @@ def _hybrid(name: str, size: str, layers: str, mixers: dict, **kw):
 def hybrid_gdn(size: str = "small"):
     """Gated DeltaNet with one grouped-query attention layer in every four (Qwen3-Next's 3 : 1)."""
     s = SIZES[size]
-    gdn = {
-        "type": "gated_deltanet",
-        "n_heads": max(1, 3 * s["d_model"] // (4 * s["head_dim"])),
-        "head_dim": s["head_dim"],
-    }
+    gdn = {"type": "gated_deltanet", **gdn_heads(s)}
     return _hybrid(
         "hybrid-gdn", size, _ratio_pattern("gdn", "gqa", 4, s["n_layers"]), {"gdn": gdn, "gqa": _attn(s, kv_ratio=2)}
     )
