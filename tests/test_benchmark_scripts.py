@@ -234,7 +234,9 @@ def test_linear_ops_kernel_variants_parse_and_apply(monkeypatch):
     monkeypatch.setattr(linear_ops, "SHIPPED", {})
     monkeypatch.setattr(launch, "SAVE_STATES", launch.SAVE_STATES)
     variants = linear_ops.parse_variants("STATE_PASS=fused,two_phase; GLA_INTRA_BWD_BK=0,32")
-    assert variants == [{}] + [{"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)]
+    assert variants == [{}] + [
+        {"STATE_PASS": s, "GLA_INTRA_BWD_BK": b} for s in ("fused", "two_phase") for b in (0, 32)
+    ]
     assert linear_ops.parse_variants("") == [{}]
     assert linear_ops.parse_variants("SAVE_STATES=false,True") == [{}, {"SAVE_STATES": False}, {"SAVE_STATES": True}]
     monkeypatch.setattr(launch, "STATE_PASS", launch.STATE_PASS)

@@ -340,3 +340,32 @@ def test_keep_states_switch_defaults_on():
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("spec", ["gated-deltanet:debug", "deltanet:debug"])
+def test_delta_mixers_run_their_three_convolutions_as_one(spec, monkeypatch):
+    """A delta mixer's q, k and v come from one product and pass one short convolution side by side in training:
+    one kernel call each way per layer (not three), with the PyTorch path's values and gradients. (Calls that carry
+    a state run them one by one; the mixers' tests check a whole sequence against one continued in pieces.)"""
+    from effarch.ops import conv
+
+    monkeypatch.setattr(conv, "_on_gpu", lambda x: True)
+    calls = []
+    real = custom_op.KernelCall.__call__
+
+    def spy(kernel, *args):
+        if kernel.name.startswith("effarch::causal_conv1d"):
+            calls.append(kernel.name.split("::")[-1].split(".")[0])
+        return real(kernel, *args)
+
+    monkeypatch.setattr(custom_op.KernelCall, "__call__", spy)
+    cfg = preset_config(spec)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 19), device=DEV)
+    with fused.use_fused(FORCE):
+        out = _run(model, ids)
+    assert sorted(calls) == sorted(["causal_conv1d_fwd", "causal_conv1d_bwd"] * len(cfg.layer_names))
+    with fused.use_fused(False):
+        ref = _run(model, ids)
+    _assert_same(out, ref)

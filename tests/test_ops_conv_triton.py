@@ -182,6 +182,44 @@ def test_layer_uses_the_kernel_only_when_switched_on(monkeypatch):
         assert rel_err(o, r) < 1e-5
 
 
+@pytest.mark.skipif(CUDA, reason="interpreter tests")
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_joined_convolutions_equal_each_one_alone(packed, kernel, monkeypatch):
+    """`joined_fresh_conv`: three convolutions of 8, 8 and 16 channels over their inputs side by side give each one's
+    output, tail and gradients (input, weights, biases) of running it alone, dense and packed, on the PyTorch path
+    and on the kernel (one launch each way for the three); `joinable` refuses a mismatched width or activation."""
+    from effarch.layers.conv import joinable, joined_fresh_conv
+
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda t: kernel)
+    launches = []
+    real = dispatch._load()
+    monkeypatch.setattr(dispatch, "_triton", (lambda *a: launches.append(1) or real[0](*a), real[1]))
+    torch.manual_seed(3)
+    convs = [ShortConvolution(c, 4, bias=True) for c in (8, 8, 16)]
+    for c in convs:
+        with torch.no_grad():
+            c.bias.normal_()
+    B, T = (1, 45) if packed else (2, 21)
+    cu = torch.tensor([0, 7, 7, 30, 45]) if packed else None
+    x = torch.randn(B, T, 32, requires_grad=True)
+    dy = torch.randn(B, T, 32)
+    params = [p for c in convs for p in (c.weight, c.bias)]
+    y, tails = joined_fresh_conv(convs, x, cu)
+    joined = [y, *tails, *torch.autograd.grad((y * dy).sum(), [x, *params])]
+    assert len(launches) == (1 if kernel else 0)  # the forward's; the backward's is the custom op's own
+    parts = x.split([8, 8, 16], dim=-1)
+    ys, alone_tails = zip(*(c(p, cu_seqlens=cu) for c, p in zip(convs, parts, strict=True)), strict=True)
+    y1 = torch.cat(ys, dim=-1)
+    alone = [y1, *alone_tails, *torch.autograd.grad((y1 * dy).sum(), [x, *params])]
+    for a, b in zip(joined, alone, strict=True):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-6
+    assert joinable(convs)
+    assert not joinable([convs[0], ShortConvolution(8, 3, bias=True)])
+    assert not joinable([convs[0], ShortConvolution(8, 4, bias=True, activation=None)])
+    assert not joinable([convs[0], ShortConvolution(8, 4)])  # one without a bias
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize(

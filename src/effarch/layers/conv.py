@@ -123,22 +123,14 @@ class ShortConvolution(nn.Module):
         if self.causal and tail is None and x.shape[1] > 0:
             # A fresh start (training, prefill): the fused kernel on CUDA when switched on (`effarch.ops.conv`),
             # else the PyTorch form.
-            y = causal_conv1d(
-                x, self.weight, self.bias, self.activation, cu_seqlens, reference=lambda: self._fresh(x, cu_seqlens)
-            )
-            W = self.kernel_size
-            return y, (fresh_tail(x, W) if cu_seqlens is None else packed_tails(x, cu_seqlens, W))
+            return _fresh_conv(x, self.weight, self.bias, self.activation, cu_seqlens)
         if torch.is_grad_enabled() and self.causal and cu_seqlens is None and tail is not None:
             # training from a carried tail: the last W-1 of tail + x
             return recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
         return self._conv_act_tail(x, tail, cu_seqlens)
 
     def _fresh(self, x, cu_seqlens):
-        """y from a zero start in PyTorch; training keeps only x for the backward and recomputes the padded input,
-        the conv and the SiLU, instead of holding two more copies of the activations."""
-        if torch.is_grad_enabled() and cu_seqlens is None:
-            return recomputed(self._conv_act, x, None)
-        return self._conv_act_tail(x, None, cu_seqlens)[0]
+        return _fresh_form(x, self.weight, self.bias, self.activation, cu_seqlens)
 
     def _conv_act_tail(self, x, tail, cu_seqlens=None):
         y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)
@@ -146,3 +138,48 @@ class ShortConvolution(nn.Module):
 
     def _conv_act(self, x, tail):
         return self._conv_act_tail(x, tail)[0]
+
+
+def _fresh_form(x, weight, bias, activation, cu_seqlens):
+    """y from a zero start in PyTorch; training keeps only x for the backward and recomputes the padded input,
+    the conv and the SiLU, instead of holding two more copies of the activations."""
+
+    def conv_act(x):
+        y = short_conv(x, weight, bias, cu_seqlens=cu_seqlens)[0]
+        return F.silu(y) if activation == "silu" else y
+
+    return recomputed(conv_act, x) if torch.is_grad_enabled() and cu_seqlens is None else conv_act(x)
+
+
+def _fresh_conv(x, weight, bias, activation, cu_seqlens):
+    """(y, new tail) of a causal conv from a zero start: the fused kernel on CUDA when switched on
+    (`effarch.ops.conv`), else the PyTorch form."""
+    y = causal_conv1d(
+        x, weight, bias, activation, cu_seqlens, reference=lambda: _fresh_form(x, weight, bias, activation, cu_seqlens)
+    )
+    W = weight.shape[1]
+    return y, (fresh_tail(x, W) if cu_seqlens is None else packed_tails(x, cu_seqlens, W))
+
+
+def joinable(convs) -> bool:
+    """Whether short convolutions can run as one over their inputs side by side: causal, one width, one
+    activation, all with a bias or none."""
+    first = convs[0]
+    return all(
+        c.causal
+        and c.kernel_size == first.kernel_size
+        and c.activation == first.activation
+        and (c.bias is None) == (first.bias is None)
+        for c in convs
+    )
+
+
+def joined_fresh_conv(convs, x, cu_seqlens=None):
+    """Short convolutions (`joinable`) from a zero start over their inputs side by side, x [B, T, sum of their
+    channels], as one depthwise conv: one kernel launch each way where each conv would take its own, each as wide
+    as all of them (the kernel moves data faster over more channels). Returns (y [B, T, sum C], each conv's new
+    tail, a view of the joined one)."""
+    weight = torch.cat([c.weight for c in convs])
+    bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+    y, tail = _fresh_conv(x, weight, bias, convs[0].activation, cu_seqlens)
+    return y, tail.split([c.weight.shape[0] for c in convs], dim=-1)

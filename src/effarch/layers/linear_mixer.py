@@ -26,7 +26,7 @@ from torch import nn
 
 from effarch.cache import RecurrentState
 from effarch.layers.base import TokenMixer
-from effarch.layers.conv import ShortConvolution
+from effarch.layers.conv import ShortConvolution, joinable, joined_fresh_conv
 from effarch.layers.recompute import recomputed
 from effarch.layers.rotary import positions_from_cu_seqlens
 from effarch.ops import fused
@@ -115,6 +115,22 @@ class Context:
         if new_tail is not None:
             self.new[f"conv_{name}"] = new_tail
         return y
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the call starts from no carried state (training, a prompt's first piece)."""
+        return self.state is None
+
+    def joined_convs(self, names: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The short convolutions `names` over their inputs side by side in x [B,T,sum of their channels]; their
+        outputs, one per name. From a fresh start they run as one (`joined_fresh_conv`), else one by one."""
+        convs = [self.mixer.convs[n] for n in names]
+        if not (self.fresh and x.shape[1] > 0 and joinable(convs)):
+            parts = x.split([c.weight.shape[0] for c in convs], dim=-1)
+            return tuple(self.conv(n, p) for n, p in zip(names, parts, strict=True))
+        y, tails = joined_fresh_conv(convs, x, self.cu_seqlens)
+        self.new.update({f"conv_{n}": t for n, t in zip(names, tails, strict=True)})
+        return y.split([c.weight.shape[0] for c in convs], dim=-1)
 
     def shift(self, x: torch.Tensor) -> torch.Tensor:
         """x_{t-1} for every t of x [B,T,d_model] (token shift); the last token is kept in the state."""

@@ -49,19 +49,21 @@ class _SharedInputLinear(torch.autograd.Function):
         return (None if dx is None else dx.reshape(x.shape)), *dws
 
 
-def project(x: torch.Tensor, layers: list[nn.Linear | None] | tuple[nn.Linear | None, ...]) -> list:
+def project(x: torch.Tensor, layers: list[nn.Linear | torch.Tensor | None] | tuple) -> list:
     """[layer(x) for each layer] (None where the layer is None), in one autograd node where the module docstring
-    says."""
+    says. A layer may also be a weight tensor [out, in] (projections joined by the caller: F.linear(x, weight))."""
     present = [m for m in layers if m is not None]
+    weights = [m if isinstance(m, torch.Tensor) else m.weight for m in present]
     shared = (
         SHARED_PROJECTIONS
         and len(present) > 1
-        and all(m.bias is None and m.weight.dtype == x.dtype for m in present)
+        and all(getattr(m, "bias", None) is None for m in present)
+        and all(w.dtype == x.dtype for w in weights)
         and torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
-        and (x.requires_grad or any(m.weight.requires_grad for m in present))
+        and (x.requires_grad or any(w.requires_grad for w in weights))
     )
     if not shared:
-        return [None if m is None else m(x) for m in layers]
-    outs = iter(_SharedInputLinear.apply(x, *(m.weight for m in present)))
+        return [None if m is None else (F.linear(x, m) if isinstance(m, torch.Tensor) else m(x)) for m in layers]
+    outs = iter(_SharedInputLinear.apply(x, *weights))
     return [None if m is None else next(outs) for m in layers]

@@ -106,13 +106,19 @@ class DeltaNet(LinearMixer):
         return None, (2 * beta if self.allow_neg_eigval else beta)
 
     def features(self, x: torch.Tensor, ctx: Context) -> Features:
-        q, k, v, gate, *gated = project(
-            x, (self.q_proj, self.k_proj, self.v_proj, self.g_proj, *self.gate_projections())
-        )
-        if self.use_short_conv:
-            q, k, v = ctx.conv("q", q), ctx.conv("k", k), ctx.conv("v", v)
+        gates = (self.g_proj, *self.gate_projections())
+        if self.use_short_conv and ctx.fresh:
+            # From a fresh start q, k and v come from one product and pass one short convolution side by side
+            # (`Context.joined_convs`): one launch each way for the three, and wider ones.
+            joined = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            qkv, gate, *gated = project(x, (joined, *gates))
+            q, k, v = ctx.joined_convs(("q", "k", "v"), qkv)
         else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+            q, k, v, gate, *gated = project(x, (self.q_proj, self.k_proj, self.v_proj, *gates))
+            if self.use_short_conv:
+                q, k, v = ctx.conv("q", q), ctx.conv("k", k), ctx.conv("v", v)
+            else:
+                q, k, v = F.silu(q), F.silu(k), F.silu(v)
         log_decay, beta = self.gates(x, tuple(gated))
         q, k = unit_heads(self.split_heads(q)), unit_heads(self.split_heads(k))
         return Features(q, k, self.split_heads(v), log_decay=log_decay, beta=beta, gate=gate)
