@@ -287,8 +287,8 @@ def setting_forms_agree(monkeypatch, module, name: str, values: tuple, case: str
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("case", ["fixed", "scalar", "per_key"])
-@pytest.mark.parametrize("packed", [False, True])
+# packed batches for every decay kind, dense ones where the per-key pass differs
+@pytest.mark.parametrize(("case", "packed"), [("fixed", True), ("scalar", True), ("per_key", True), ("per_key", False)])
 def test_decay_suffix_sums_kernel_matches_the_pytorch_form(case, packed, monkeypatch):
     """backward.DECAY_SUFFIX_KERNEL: the decay gradient's suffix sums in one Triton pass over each sequence's chunks
     (K = 40 in blocks of 32 keys) give the gradients of PyTorch's reverse cumsum to float32 rounding, and the
@@ -325,8 +325,7 @@ def test_decay_suffix_pass_in_narrower_key_blocks(block, warps, packed, monkeypa
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("case", ["fixed", "scalar", "per_key"])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(("case", "packed"), [("fixed", True), ("scalar", True), ("per_key", True), ("per_key", False)])
 def test_decay_gradient_later_share_from_the_states(case, packed, monkeypatch):
     """backward.DECAY_GRAD_LATER = "state": the later chunks' share of the decay gradient taken from the state
     leaving each chunk and its gradient gives the decay gradient of the sequence-long suffix sums (to float32
@@ -484,8 +483,8 @@ def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("packed", [False, True])
+# every rule dense; packed batches (one recompute path for all rules) with an additive and a delta rule
+@pytest.mark.parametrize(("case", "packed"), [(c, False) for c in CASES] + [("scalar", True), ("delta", True)])
 def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
     """launch.SAVE_STATES: the forward keeps the states entering each chunk (dense batches; and the delta rule's W
     and pseudo-values), so the backward runs no state pass or WY kernel of its own; outputs and gradients are bit
