@@ -123,7 +123,8 @@ def test_packed_sequences_do_not_see_each_other(bias):
 
 def test_layer_tails_from_a_fresh_start():
     """The tail a fresh call hands on is the last W-1 inputs after zeros, for empty, short and long inputs, with and
-    without gradients; continuing from it equals one call over the whole sequence."""
+    without gradients (without, a copy rather than a view of the input); continuing from it equals one call over
+    the whole sequence."""
     torch.manual_seed(1)
     conv = ShortConvolution(8, 4)
     x = torch.randn(2, 7, 8)
@@ -134,6 +135,8 @@ def test_layer_tails_from_a_fresh_start():
             assert y.shape == (2, T, 8) and tail.shape == (2, 3, 8)
             expect = torch.cat([torch.zeros(2, 3, 8), x[:, :T]], dim=1)[:, -3:]
             assert torch.equal(tail, expect)
+            # a stored state must not keep the whole input alive through a view
+            assert grad or tail.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
     with torch.no_grad():
         whole, _ = conv(x)
         first, tail = conv(x[:, :4])

@@ -89,7 +89,9 @@ def fresh_tail(x: torch.Tensor, W: int) -> torch.Tensor:
     B, T, C = x.shape
     keep = x[:, max(0, T - (W - 1)) :]
     if keep.shape[1] == W - 1:
-        return keep
+        # Outside training a copy of the W-1 tokens: a view would keep all of x (a prompt's projections) alive in
+        # the stored state. Training drops the tails, and holds x for its backward anyway.
+        return keep if torch.is_grad_enabled() else keep.clone()
     return torch.cat([x.new_zeros(B, W - 1 - keep.shape[1], C), keep], dim=1)
 
 
