@@ -131,9 +131,6 @@ class ShortConvolution(nn.Module):
             return recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
         return self._conv_act_tail(x, tail, cu_seqlens)
 
-    def _fresh(self, x, cu_seqlens):
-        return _fresh_form(x, self.weight, self.bias, self.activation, cu_seqlens)
-
     def _conv_act_tail(self, x, tail, cu_seqlens=None):
         y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)
         return (F.silu(y) if self.activation == "silu" else y), new_tail

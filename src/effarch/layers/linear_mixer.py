@@ -125,12 +125,12 @@ class Context:
         """The short convolutions `names` over their inputs side by side in x [B,T,sum of their channels]; their
         outputs, one per name. From a fresh start they run as one (`joined_fresh_conv`), else one by one."""
         convs = [self.mixer.convs[n] for n in names]
+        widths = [c.weight.shape[0] for c in convs]
         if not (self.fresh and x.shape[1] > 0 and joinable(convs)):
-            parts = x.split([c.weight.shape[0] for c in convs], dim=-1)
-            return tuple(self.conv(n, p) for n, p in zip(names, parts, strict=True))
+            return tuple(self.conv(n, p) for n, p in zip(names, x.split(widths, dim=-1), strict=True))
         y, tails = joined_fresh_conv(convs, x, self.cu_seqlens)
         self.new.update({f"conv_{n}": t for n, t in zip(names, tails, strict=True)})
-        return y.split([c.weight.shape[0] for c in convs], dim=-1)
+        return y.split(widths, dim=-1)
 
     def shift(self, x: torch.Tensor) -> torch.Tensor:
         """x_{t-1} for every t of x [B,T,d_model] (token shift); the last token is kept in the state."""
