@@ -251,10 +251,9 @@ def test_delta_gates_match_reference(shape, beta_scale):
     (1,400 rows of 6 heads: 11 programs), heads not a power of two: values and the gradients of a, b, A_log and dt_bias (the last
     two summed over every row's program)."""
     H = shape[-1]
-    a = (_randn(*shape, seed=0, grad=False) * 15).requires_grad_()
-    b = (_randn(*shape, seed=1, grad=False) * 15).requires_grad_()
+    ab = (_randn(*shape[:-1], 2 * H, seed=0, grad=False) * 15).requires_grad_()
     A_log, dt_bias = _randn(H, seed=2), _randn(H, seed=3)
-    inputs = (a, b, A_log, dt_bias)
+    inputs = (ab, A_log, dt_bias)
     _check(delta_gates(*inputs, beta_scale, backend="triton"), delta_gates_reference(*inputs, beta_scale), inputs, 4)
 
 
@@ -263,31 +262,33 @@ def test_delta_gates_gradient_through_one_gate_alone(used):
     """A loss of one gate alone: the other's gradient arrives as None and its inputs' gradients are zero."""
     grads = []
     for fn in (lambda *x: delta_gates(*x, backend="triton"), delta_gates_reference):
-        inputs = (_randn(40, 6, seed=0), _randn(40, 6, seed=1), _randn(6, seed=2), _randn(6, seed=3))
+        inputs = (_randn(40, 12, seed=0), _randn(6, seed=2), _randn(6, seed=3))
         g, beta = fn(*inputs)
         loss = ((g if used == "g" else beta) * _randn(40, 6, seed=5, grad=False)).sum()
         got = torch.autograd.grad(loss, inputs, allow_unused=True)
         grads.append([torch.zeros_like(x) if d is None else d for d, x in zip(got, inputs)])
     for ours, ref in zip(*grads):
         assert torch.isfinite(ours).all() and (rel_err(ours, ref) < TOL if ref.any() else not ours.any())
+    dab = grads[0][0]
+    assert not dab[:, (6 if used == "g" else 0) :][:, :6].any()  # the unused gate's half of ab
 
 
 def test_delta_gates_in_bf16_and_their_errors():
     """bf16 pre-activations and parameters in, float32 gates out, gradients in the inputs' dtypes; mismatched
     shapes are refused in one sentence."""
-    a, b = _randn(64, 6, seed=0, dtype=torch.bfloat16), _randn(64, 6, seed=1, dtype=torch.bfloat16)
+    ab = _randn(64, 12, seed=0, dtype=torch.bfloat16)
     A_log, dt_bias = _randn(6, seed=2, dtype=torch.bfloat16), _randn(6, seed=3, dtype=torch.bfloat16)
-    g, beta = delta_gates(a, b, A_log, dt_bias, backend="triton")
-    assert g.dtype == beta.dtype == torch.float32
-    ref = [x.detach().float().requires_grad_() for x in (a, b, A_log, dt_bias)]
+    g, beta = delta_gates(ab, A_log, dt_bias, backend="triton")
+    assert g.dtype == beta.dtype == torch.float32 and g.shape == beta.shape == (64, 6)
+    ref = [x.detach().float().requires_grad_() for x in (ab, A_log, dt_bias)]
     g_ref, beta_ref = delta_gates_reference(*ref)
     assert rel_err(g, g_ref) < 1e-5 and rel_err(beta, beta_ref) < 1e-6
-    ours = _grads((g, beta), (a, b, A_log, dt_bias), seed=4)
+    ours = _grads((g, beta), (ab, A_log, dt_bias), seed=4)
     theirs = _grads((g_ref, beta_ref), ref, seed=4)
-    for x, d, r in zip((a, b, A_log, dt_bias), ours, theirs):
+    for x, d, r in zip((ab, A_log, dt_bias), ours, theirs):
         assert d.dtype == x.dtype and rel_err(d.float(), r) < 1e-2
-    with pytest.raises(ValueError, match="a and b must share a shape"):
-        delta_gates(a, b[:, :5], A_log, dt_bias)
+    with pytest.raises(ValueError, match=r"ab \[\.\.\., 2H\]"):
+        delta_gates(ab[:, :11], A_log, dt_bias)
 
 
 def test_delta_gates_reference_is_the_layer_formula():
@@ -296,7 +297,7 @@ def test_delta_gates_reference_is_the_layer_formula():
         _randn(3, seed=2, dtype=torch.float64, grad=False),
         _randn(3, seed=3, dtype=torch.float64, grad=False),
     )
-    g, beta = delta_gates_reference(a, b, A_log, dt_bias, 2.0)
+    g, beta = delta_gates_reference(torch.cat([a, b], -1), A_log, dt_bias, 2.0)
     assert rel_err(g, -A_log.exp() * torch.log1p(torch.exp(a + dt_bias))) < 1e-12
     assert rel_err(beta, 2 / (1 + torch.exp(-b))) < 1e-12
 
@@ -441,12 +442,14 @@ def test_bfloat16_on_cuda():
     )
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (37, 300), (1030, 3, 4), (0, 6)])
+@pytest.mark.parametrize("shape", [(1, 5), (37, 300), (1030, 3, 4), (0, 6), (700, 9000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sum_partials_is_the_sum_over_programs(shape, dtype):
     """effarch.ops.partials.sum_partials: per-program partial sums [R, ...] reduced over R in float32 and cast once
-    (several column blocks, rows not a multiple of the row block, no rows at all)."""
-    from effarch.ops.partials import sum_partials
+    (several column blocks of each width, rows not a multiple of the row block, no rows at all)."""
+    from effarch.ops.partials import column_block, sum_partials
+
+    assert [column_block(c) for c in (5, 1024, 8192, 10**6)] == [8, 8, 32, 128]
 
     part = _randn(*shape, seed=0, grad=False)
     out = sum_partials(part, dtype)

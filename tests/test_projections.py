@@ -93,8 +93,9 @@ def test_mixers_with_shared_projections_equal_separate_ones(name, monkeypatch):
         y, _ = m(xx)
         (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         results[shared] = [y.detach(), xx.grad] + [p.grad.clone() for p in m.parameters()]
-    # weights in the node: the delta mixers' q, k and v as one joined weight (their convolutions run as one)
-    assert calls == [{"gla": 5, "deltanet": 3, "gated_deltanet": 4, "attn": 2}[name]]
+    # weights in the node: the delta mixers' q, k and v as one joined weight (their convolutions run as one), and
+    # Gated DeltaNet's two gate projections as one more
+    assert calls == [{"gla": 5, "deltanet": 3, "gated_deltanet": 3, "attn": 2}[name]]
     for a, b in zip(results[True], results[False], strict=True):
         assert_close(a, b, tol=1e-10)
 

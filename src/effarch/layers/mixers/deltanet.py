@@ -94,8 +94,9 @@ class DeltaNet(LinearMixer):
             for name, channels in (("q", H * K), ("k", H * K), ("v", H * V)):
                 self.add_conv(name, channels, conv_size)
 
-    def gate_projections(self) -> tuple[nn.Linear, ...]:
-        """The projections of x that `gates` reads, in the order it takes their outputs."""
+    def gate_projections(self) -> tuple[nn.Linear | torch.Tensor, ...]:
+        """The projections of x (layers or weights [out, in]) that `gates` reads, in the order it takes their
+        outputs."""
         return (self.b_proj,)
 
     def gates(self, x: torch.Tensor, projected: tuple | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from effarch.layers.mixers.deltanet import DeltaNet
@@ -78,12 +79,13 @@ class GatedDeltaNet(DeltaNet):
         dt = torch.exp(u * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min))
         self.dt_bias.copy_(inverse_softplus(dt.clamp_min(1e-4)))
 
-    def gate_projections(self) -> tuple[nn.Linear, ...]:
-        return (self.a_proj, self.b_proj)
+    def gate_projections(self) -> tuple[torch.Tensor, ...]:
+        # a and b from one product: two H-wide products each reread all of x, forward and backward
+        return (torch.cat([self.a_proj.weight, self.b_proj.weight]),)
 
     def gates(self, x: torch.Tensor, projected: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b = projected if projected is not None else (self.a_proj(x), self.b_proj(x))
+        (ab,) = projected if projected is not None else (F.linear(x, *self.gate_projections()),)
         scale = 2.0 if self.allow_neg_eigval else 1.0
-        if fused.enabled(a.device, a.dtype):  # one launch each way instead of about ten
-            return fused.delta_gates(a, b, self.A_log, self.dt_bias, scale, backend="triton")
-        return fused.delta_gates_reference(a, b, self.A_log, self.dt_bias, scale)
+        if fused.enabled(ab.device, ab.dtype):  # one launch each way instead of about ten
+            return fused.delta_gates(ab, self.A_log, self.dt_bias, scale, backend="triton")
+        return fused.delta_gates_reference(ab, self.A_log, self.dt_bias, scale)

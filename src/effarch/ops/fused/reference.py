@@ -64,10 +64,11 @@ def log_sigmoid_decay_reference(x: torch.Tensor, normalizer: float) -> torch.Ten
 
 
 def delta_gates_reference(
-    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float = 1.0
+    ab: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, beta_scale: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g, beta) in (at least) float32."""
-    acc = torch.promote_types(a.dtype, torch.float32)
+    """(g, beta) [..., H] in (at least) float32 from a, b side by side in ab [..., 2H]."""
+    a, b = ab.chunk(2, dim=-1)
+    acc = torch.promote_types(ab.dtype, torch.float32)
     g = -torch.exp(A_log.to(acc)) * torch.nn.functional.softplus(a.to(acc) + dt_bias.to(acc))
     beta = torch.sigmoid(b.to(acc))
     return g, (beta_scale * beta if beta_scale != 1 else beta)
