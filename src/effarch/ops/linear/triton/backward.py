@@ -92,9 +92,11 @@ DECAY_GRAD_LATER = "auto"
 # the reverse state pass and the WY backward took the delta rule from 3.79 to 3.21 and gated delta from 4.75 to 4.15
 # (each alone: 3.46 / 4.40 with the WY backward's); GLA unchanged (5.27 against 5.28).
 STATE_BWD_WARPS = 4
+# Pipeline stages, same run and sizes: 2 for the dq / dk / dW kernel (was 1) took the delta rule 3.22 -> 3.09 and
+# gated delta 4.15 -> 4.01, GLA unchanged; 1 or 3 for the reverse state pass were slower (3.37 / 3.49 delta rule).
 STATE_BWD_STAGES = 2
 DQK_WARPS = 8
-DQK_STAGES = 1
+DQK_STAGES = 2
 # The dq / dk / dW kernel's value columns per step of its loop over V, and whether it takes 64 keys per program with
 # products in the inputs' 16-bit dtype too (it does with tf32 products, and under the interpreter). Keys split that
 # way gave a wrong dk for the delta rule on an H200 with Triton 3.6 (values in steps of 32: products [64, 32] x
