@@ -345,11 +345,16 @@ def test_keep_states_switch_defaults_on():
 @pytest.mark.parametrize("spec", ["gated-deltanet:debug", "deltanet:debug"])
 def test_delta_mixers_run_their_three_convolutions_as_one(spec, monkeypatch):
     """A delta mixer's q, k and v come from one product and pass one short convolution side by side in training:
-    one kernel call each way per layer (not three), with the PyTorch path's values and gradients. (Calls that carry
+    one kernel call each way per layer (not three), its outputs written apart, with the PyTorch path's values and
+    gradients. (Calls that carry
     a state run them one by one; the mixers' tests check a whole sequence against one continued in pieces.)"""
     from effarch.ops import conv
+    from effarch.ops.conv import kernels
 
     monkeypatch.setattr(conv, "_on_gpu", lambda x: True)
+    monkeypatch.setattr(kernels, "SPLIT_OUTPUTS", True)
+    monkeypatch.setattr(kernels, "BC", 16)  # channel blocks that divide q, k and v at the debug size
+    monkeypatch.setattr(kernels, "DZ_TILE", (16, 16))
     calls = []
     real = custom_op.KernelCall.__call__
 
@@ -365,7 +370,11 @@ def test_delta_mixers_run_their_three_convolutions_as_one(spec, monkeypatch):
     ids = torch.randint(0, cfg.vocab_size, (2, 19), device=DEV)
     with fused.use_fused(FORCE):
         out = _run(model, ids)
-    assert sorted(calls) == sorted(["causal_conv1d_fwd", "causal_conv1d_bwd"] * len(cfg.layer_names))
+    mixer = next(m for m in model.modules() if hasattr(m, "convs") and len(m.convs) == 3)
+    # outputs written apart (q, k, v contiguous) when the widths are whole channel blocks, as at this size
+    assert kernels.splitable(tuple(c.weight.shape[0] for c in mixer.convs.values()))
+    names = ["causal_conv1d_split_fwd", "causal_conv1d_split_bwd"]
+    assert sorted(calls) == sorted(names * len(cfg.layer_names))
     with fused.use_fused(False):
         ref = _run(model, ids)
     _assert_same(out, ref)

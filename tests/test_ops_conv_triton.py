@@ -186,15 +186,21 @@ def test_layer_uses_the_kernel_only_when_switched_on(monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests")
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize(("packed", "kernel"), [(False, False), (True, False), (False, "joined"), (True, "joined"),
+                                                (False, "apart"), (True, "apart")])  # fmt: skip
 def test_joined_convolutions_equal_each_one_alone(packed, kernel, monkeypatch):
     """`joined_fresh_conv`: three convolutions of 8, 8 and 16 channels over their inputs side by side give each one's
     output, tail and gradients (input, weights, biases) of running it alone, dense and packed, on the PyTorch path
-    and on the kernel (one launch each way for the three); `joinable` refuses a mismatched width or activation."""
+    and on the kernel (one launch each way for the three): with channel blocks wider than the convolutions (outputs
+    are views of one) and with blocks of 8 channels (the kernel writes three contiguous outputs and reads their
+    gradients apart); `joinable` refuses a mismatched width or activation."""
     from effarch.layers.conv import joinable, joined_fresh_conv
 
-    monkeypatch.setattr(dispatch, "_on_gpu", lambda t: kernel)
+    if kernel == "apart":
+        monkeypatch.setattr(kernels, "SPLIT_OUTPUTS", True)
+        monkeypatch.setattr(kernels, "BC", 8)
+        monkeypatch.setattr(kernels, "DZ_TILE", (16, 8))
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda t: bool(kernel))
     launches = []
     real = dispatch._load()
     monkeypatch.setattr(dispatch, "_triton", (lambda *a: launches.append(1) or real[0](*a), real[1]))
@@ -208,7 +214,11 @@ def test_joined_convolutions_equal_each_one_alone(packed, kernel, monkeypatch):
     x = torch.randn(B, T, 32, requires_grad=True)
     dy = torch.randn(B, T, 32)
     params = [p for c in convs for p in (c.weight, c.bias)]
-    y, tails = joined_fresh_conv(convs, x, cu)
+    ys, tails = joined_fresh_conv(convs, x, cu)
+    assert [t.shape[-1] for t in ys] == [8, 8, 16]
+    apart = all(t.is_contiguous() for t in ys) and len({t.untyped_storage().data_ptr() for t in ys}) == 3
+    assert apart == (kernel == "apart")
+    y = torch.cat(ys, dim=-1)
     joined = [y, *tails, *torch.autograd.grad((y * dy).sum(), [x, *params])]
     assert len(launches) == (1 if kernel else 0)  # the forward's; the backward's is the custom op's own
     parts = x.split([8, 8, 16], dim=-1)
@@ -242,5 +252,28 @@ def test_cuda_bf16_matches_float32(packed, tile, monkeypatch):
     cu = torch.tensor([0, 700, 701, 2000], device=DEV) if packed else None
     ours = grads(lambda x, w, b: causal_conv1d_triton(x, w, b, "silu", cu), x, w, b)
     ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x.float(), w.float(), b.float())
+    for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
+        assert rel_err(o.float(), r) < 1e-2, f"{name}: relative error {rel_err(o.float(), r):.2e}"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cuda_outputs_written_apart(packed, bias, monkeypatch):
+    """bf16 outputs written apart (three contiguous tensors of 256, 128 and 384 channels; the compiled kernels'
+    branch by channel block) against the float32 PyTorch form, gradients of each output read where they are."""
+    monkeypatch.setattr(kernels, "SPLIT_OUTPUTS", True)
+    x, w, b = make(1 if packed else 4, 2000, 768, 4, bias, dtype=torch.bfloat16, seed=6)
+    cu = torch.tensor([0, 700, 701, 2000], device=DEV) if packed else None
+    splits = (256, 128, 384)
+    assert kernels.splitable(splits)
+
+    def apart(x, w, b):
+        ys = causal_conv1d_triton(x, w, b, "silu", cu, splits)
+        assert all(t.is_contiguous() for t in ys) and [t.shape[-1] for t in ys] == list(splits)
+        return torch.cat(ys, dim=-1)
+
+    ours = grads(apart, x, w, b)
+    ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x.float(), w.float(), None if b is None else b.float())
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert rel_err(o.float(), r) < 1e-2, f"{name}: relative error {rel_err(o.float(), r):.2e}"

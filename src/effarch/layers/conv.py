@@ -121,15 +121,19 @@ class ShortConvolution(nn.Module):
         with torch.no_grad():
             nn.init.uniform_(self.weight, -(self.kernel_size**-0.5), self.kernel_size**-0.5)
 
-    def forward(self, x, tail=None, *, cu_seqlens=None):
+    def forward(self, x, tail=None, *, cu_seqlens=None, splits=None):
+        """(y [B, T, C], new tail); with `splits` (channel widths summing to C) y as one tensor per width, each
+        contiguous where the kernel writes them apart (a fresh start on the GPU; `effarch.ops.conv.kernels`)."""
         if self.causal and tail is None and x.shape[1] > 0:
             # A fresh start (training, prefill): the fused kernel on CUDA when switched on (`effarch.ops.conv`),
             # else the PyTorch form.
-            return _fresh_conv(x, self.weight, self.bias, self.activation, cu_seqlens)
+            return _fresh_conv(x, self.weight, self.bias, self.activation, cu_seqlens, splits)
         if torch.is_grad_enabled() and self.causal and cu_seqlens is None and tail is not None:
             # training from a carried tail: the last W-1 of tail + x
-            return recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
-        return self._conv_act_tail(x, tail, cu_seqlens)
+            y, new_tail = recomputed(self._conv_act, x, tail), torch.cat([tail.to(x.dtype), x], dim=1)[:, x.shape[1] :]
+        else:
+            y, new_tail = self._conv_act_tail(x, tail, cu_seqlens)
+        return (y if splits is None else y.split(list(splits), dim=-1)), new_tail
 
     def _conv_act_tail(self, x, tail, cu_seqlens=None):
         y, new_tail = short_conv(x, self.weight, self.bias, tail=tail, cu_seqlens=cu_seqlens, causal=self.causal)
@@ -150,12 +154,15 @@ def _fresh_form(x, weight, bias, activation, cu_seqlens):
     return recomputed(conv_act, x) if torch.is_grad_enabled() and cu_seqlens is None else conv_act(x)
 
 
-def _fresh_conv(x, weight, bias, activation, cu_seqlens):
+def _fresh_conv(x, weight, bias, activation, cu_seqlens, splits=None):
     """(y, new tail) of a causal conv from a zero start: the fused kernel on CUDA when switched on
-    (`effarch.ops.conv`), else the PyTorch form."""
-    y = causal_conv1d(
-        x, weight, bias, activation, cu_seqlens, reference=lambda: _fresh_form(x, weight, bias, activation, cu_seqlens)
-    )
+    (`effarch.ops.conv`), else the PyTorch form. With `splits` (channel widths) y comes as one tensor per width."""
+
+    def reference():
+        y = _fresh_form(x, weight, bias, activation, cu_seqlens)
+        return y if splits is None else y.split(list(splits), dim=-1)
+
+    y = causal_conv1d(x, weight, bias, activation, cu_seqlens, reference=reference, splits=splits)
     W = weight.shape[1]
     return y, (fresh_tail(x, W) if cu_seqlens is None else packed_tails(x, cu_seqlens, W))
 
@@ -176,9 +183,11 @@ def joinable(convs) -> bool:
 def joined_fresh_conv(convs, x, cu_seqlens=None):
     """Short convolutions (`joinable`) from a zero start over their inputs side by side, x [B, T, sum of their
     channels], as one depthwise conv: one kernel launch each way where each conv would take its own, each as wide
-    as all of them (the kernel moves data faster over more channels). Returns (y [B, T, sum C], each conv's new
-    tail, a view of the joined one)."""
+    as all of them (the kernel moves data faster over more channels). Returns (each conv's output [B, T, C_i],
+    each conv's new tail, a view of the joined one). The kernel writes the outputs apart, each contiguous, when it
+    can (`effarch.ops.conv.kernels.splitable`): no copies of slices after it, no concatenated gradient before it."""
     weight = torch.cat([c.weight for c in convs])
     bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
-    y, tail = _fresh_conv(x, weight, bias, convs[0].activation, cu_seqlens)
-    return y, tail.split([c.weight.shape[0] for c in convs], dim=-1)
+    widths = tuple(c.weight.shape[0] for c in convs)
+    ys, tail = _fresh_conv(x, weight, bias, convs[0].activation, cu_seqlens, splits=widths)
+    return tuple(ys), tail.split(list(widths), dim=-1)

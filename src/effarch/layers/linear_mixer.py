@@ -108,10 +108,11 @@ class Context:
         self.lengths = None if state is None else state.lengths  # [B] per row, when rows differ
         self.new: dict[str, torch.Tensor] = {}  # state pieces produced by this call
 
-    def conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Short convolution `name` (declared with `add_conv`) over x [B,T,C], tail carried in the state."""
+    def conv(self, name: str, x: torch.Tensor, splits: tuple[int, ...] | None = None):
+        """Short convolution `name` (declared with `add_conv`) over x [B,T,C], tail carried in the state; with
+        `splits` (channel widths) its output as one tensor per width, contiguous where the kernel allows."""
         tail = None if self.state is None else self.state[f"conv_{name}"]
-        y, new_tail = self.mixer.convs[name](x, tail, cu_seqlens=self.cu_seqlens)
+        y, new_tail = self.mixer.convs[name](x, tail, cu_seqlens=self.cu_seqlens, splits=splits)
         if new_tail is not None:
             self.new[f"conv_{name}"] = new_tail
         return y
@@ -128,9 +129,9 @@ class Context:
         widths = [c.weight.shape[0] for c in convs]
         if not (self.fresh and x.shape[1] > 0 and joinable(convs)):
             return tuple(self.conv(n, p) for n, p in zip(names, x.split(widths, dim=-1), strict=True))
-        y, tails = joined_fresh_conv(convs, x, self.cu_seqlens)
+        ys, tails = joined_fresh_conv(convs, x, self.cu_seqlens)
         self.new.update({f"conv_{n}": t for n, t in zip(names, tails, strict=True)})
-        return y.split(widths, dim=-1)
+        return ys
 
     def shift(self, x: torch.Tensor) -> torch.Tensor:
         """x_{t-1} for every t of x [B,T,d_model] (token shift); the last token is kept in the state."""

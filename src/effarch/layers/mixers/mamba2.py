@@ -94,7 +94,7 @@ class Mamba2(LinearMixer):
     def features(self, x: torch.Tensor, ctx: Context) -> Features:
         G, N, H = self.n_groups, self.d_state, self.n_heads
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.d_inner + 2 * G * N, H], dim=-1)
-        xs, Bm, Cm = ctx.conv("xBC", xBC).split([self.d_inner, G * N, G * N], dim=-1)
+        xs, Bm, Cm = ctx.conv("xBC", xBC, splits=(self.d_inner, G * N, G * N))
         xs = self.split_heads(xs)  # [B,T,H,P]
         # Each group's B and C serve H / G consecutive heads: passed as key groups [B,T,G,N], so the backward
         # keeps G copies, not H (they were a quarter of Mamba2's saved activations).

@@ -41,14 +41,17 @@ def causal_conv1d(
     bias: torch.Tensor | None,
     activation: str | None,
     cu_seqlens: torch.Tensor | None,
-    reference: Callable[[], torch.Tensor],
-) -> torch.Tensor:
+    reference: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]],
+    splits: tuple[int, ...] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """y [B, T, C] = act(sum_j weight[:, j] x_{t - (W-1-j)} + bias), zero before each sequence's start: from the
     kernel for CUDA tensors it supports when enabled (AUTO_TRITON), else from `reference()` (also when the kernel
-    fails to build: reported once per shape)."""
-    key = (x.shape[-1], weight.shape[-1], x.dtype, weight.dtype, activation, cu_seqlens is None)
+    fails to build: reported once per shape). With `splits` (widths summing to C), y's channels as one tensor per
+    width (`reference` returns them so too): convolutions joined side by side, each output contiguous where the
+    kernel can write them apart."""
+    key = (x.shape[-1], weight.shape[-1], x.dtype, weight.dtype, activation, cu_seqlens is None, splits)
     return kernel_or_reference(
-        _THIS, _load, key, x, (x, weight, activation, cu_seqlens), (x, weight, bias, activation, cu_seqlens),
+        _THIS, _load, key, x, (x, weight, activation, cu_seqlens), (x, weight, bias, activation, cu_seqlens, splits),
         reference,
     )  # fmt: skip
 
