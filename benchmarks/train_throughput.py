@@ -25,7 +25,7 @@ from peers import TRAIN_PEERS, device_and_dtype, free_cuda_memory, peer_size, to
 from results import append_section, apply_settings, environment, parse_shapes
 
 from effarch import build_model
-from effarch.benchmarking import measure_train_step
+from effarch.benchmarking import measure_train_step, phase_summary
 from effarch.compile import compile_model
 from effarch.layers import projections
 from effarch.models.presets import SIZES, preset_config
@@ -150,7 +150,8 @@ def main():
                 issue = (
                     "" if r.get("oom") else f", host issues the step in {r['issue_ms']:.0f} of {r['step_ms']:.0f} ms"
                 )
-                print(f"{name:<40} {tokens(seq):>6} x {batch:<3} {_cell(r)}{issue}", flush=True)
+                phases = f"; {phase_summary(r['phases'])}" if r.get("phases") else ""
+                print(f"{name:<40} {tokens(seq):>6} x {batch:<3} {_cell(r)}{issue}{phases}", flush=True)
         except Exception as e:
             if loss_of is effarch_loss:
                 raise

@@ -46,6 +46,8 @@ def test_train_throughput_script(tmp_path):
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["params"] > 0
         assert 0 < r["issue_ms"] <= r["step_ms"]  # the host's issue time is part of the step
+        ph = r["phases"]  # one more step timed phase by phase; no GPU times on the CPU
+        assert set(ph) == {"forward_host_ms", "backward_host_ms", "optimizer_host_ms"} and min(ph.values()) > 0
         assert r["peak_mem_bytes"] is None  # CUDA memory only
         assert r["dtype"] == "float32"
     assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))

@@ -186,10 +186,26 @@ def test_measured_step_replayed_trains_like_eager(spec):
         start = [p.detach().clone() for p in model.parameters()]
         torch.manual_seed(1)  # the same random tokens both ways
         r = measure_train_step(
-            model, _loss, batch=2, seq_len=64, vocab_size=cfg.vocab_size, steps=2, warmup=1, cuda_graph=graph
-        )
-        assert r["tokens_per_s"] > 0
+            model, _loss, batch=2, seq_len=64, vocab_size=cfg.vocab_size, steps=2, warmup=1, cuda_graph=graph,
+            phases=False,
+        )  # fmt: skip
+        assert r["tokens_per_s"] > 0 and r["phases"] is None
         models.append(model)
     for a, b, s in zip(models[0].parameters(), models[1].parameters(), start):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
         assert not torch.equal(b, s)
+
+
+@needs_cuda
+def test_eager_step_timed_phase_by_phase():
+    """An eager measurement adds one step timed phase by phase: host and GPU milliseconds of the forward, backward
+    and optimizer step, each positive, the GPU's behind a sleep (each below the whole step's time plus the sleep)."""
+    torch.manual_seed(0)
+    cfg = preset_config("gla:debug")
+    model = build_model(cfg).cuda()
+    r = measure_train_step(model, _loss, batch=2, seq_len=64, vocab_size=cfg.vocab_size, steps=2, warmup=1)
+    ph = r["phases"]
+    names = ("forward", "backward", "optimizer")
+    assert set(ph) == {f"{n}_{w}_ms" for n in names for w in ("host", "gpu")}
+    assert all(v > 0 for v in ph.values())
+    assert sum(ph[f"{n}_gpu_ms"] for n in names) < 10 * r["step_ms"]  # the sleep is not counted in the phases

@@ -77,6 +77,7 @@ def measure_train_step(
     warmup: int = 3,
     lr: float = 1e-4,
     cuda_graph: bool = False,
+    phases: bool = True,
 ) -> dict:
     """Median time of one training step (forward, backward, AdamW; fused on CUDA) on random tokens.
 
@@ -127,6 +128,8 @@ def measure_train_step(
             torch.cuda.empty_cache()
         return {"oom": True, "batch": batch, "seq_len": seq_len}
     step_s = statistics.median(times)
+    # eager: one more step timed phase by phase (`step_phases`), unless phases=False
+    split = step_phases(model, loss_of, opt, ids, ahead_s=max(0.5, 3 * step_s)) if phases and not cuda_graph else None
     out = {
         "batch": batch,
         "seq_len": seq_len,
@@ -135,8 +138,73 @@ def measure_train_step(
         "issue_ms": 1e3 * statistics.median(issued),
         "tokens_per_s": batch * seq_len / step_s,
         "peak_mem_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        "phases": split,
     }
     return out
+
+
+def step_phases(model, loss_of, opt, ids, ahead_s: float = 1.0) -> dict:
+    """One more step, its forward, backward and optimizer step timed apart: the host's time to issue each
+    ("*_host_ms") and, on CUDA, the GPU's time to run each ("*_gpu_ms") measured behind a GPU sleep of `ahead_s`
+    seconds, long enough that the host has issued the whole step before the GPU starts it (so GPU times exclude
+    waits for the host). A phase whose host time is above its GPU time leaves the GPU idle: the step is paced by the
+    host there even when the step's total issue time is below its GPU time (a host-paced forward before a
+    GPU-paced backward)."""
+    device = ids.device
+    cuda = device.type == "cuda"
+    names = ("forward", "backward", "optimizer")
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else []
+    stamps = []
+
+    def mark() -> None:
+        if cuda:
+            marks[len(stamps)].record()
+        stamps.append(time.perf_counter())
+
+    _sync(device)
+    if cuda:
+        torch.cuda._sleep(_sleep_cycles(device, ahead_s))  # the host runs ahead meanwhile
+    mark()
+    loss = loss_of(model, ids)
+    mark()
+    loss.backward()
+    mark()
+    opt.step()
+    mark()
+    opt.zero_grad(set_to_none=True)
+    host = [b - a for a, b in zip(stamps, stamps[1:])]
+    _sync(device)
+    out = {f"{n}_host_ms": 1e3 * h for n, h in zip(names, host, strict=True)}
+    if cuda:
+        out.update({f"{n}_gpu_ms": marks[i].elapsed_time(marks[i + 1]) for i, n in enumerate(names)})
+    return out
+
+
+def _sleep_cycles(device: torch.device, seconds: float) -> int:
+    """GPU clock cycles of `torch.cuda._sleep` that last about `seconds` (calibrated once per device)."""
+    key = str(device)
+    if key not in _CYCLES_PER_S:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_S[key] = 10**7 / max(start.elapsed_time(end) / 1e3, 1e-6)
+    return int(seconds * _CYCLES_PER_S[key])
+
+
+_CYCLES_PER_S: dict[str, float] = {}
+
+
+def phase_summary(phases: dict | None) -> str:
+    """ "forward host 70 / GPU 61 ms, backward ..." from `step_phases` (GPU times on CUDA only); "" for None."""
+    if not phases:
+        return ""
+    parts = []
+    for n in ("forward", "backward", "optimizer"):
+        gpu = phases.get(f"{n}_gpu_ms")
+        parts.append(f"{n} host {phases[f'{n}_host_ms']:.0f}" + ("" if gpu is None else f" / GPU {gpu:.0f}"))
+    return ", ".join(parts) + " ms"
 
 
 def measure_generate(
@@ -270,6 +338,7 @@ def bench_model(
             f"{' (CUDA graph)' if cuda_graph else ''}: "
             f"{r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step (the host issues it in "
             f"{r['issue_ms']:.1f}), {flops / 1e12:.2f} TFLOP/s{mem}"
+            + (f"; {phase_summary(r['phases'])}" if r["phases"] else "")
         )
     if what == "generate":
         b = batch or 1
