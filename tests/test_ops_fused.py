@@ -442,7 +442,7 @@ def test_bfloat16_on_cuda():
     )
 
 
-@pytest.mark.parametrize("shape", [(1, 5), (37, 300), (1030, 3, 4), (0, 6), (700, 9000)])
+@pytest.mark.parametrize("shape", [(1, 5), (37, 300), (1030, 3, 4), (0, 6), (40, 2100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sum_partials_is_the_sum_over_programs(shape, dtype):
     """effarch.ops.partials.sum_partials: per-program partial sums [R, ...] reduced over R in float32 and cast once
