@@ -353,8 +353,8 @@ def test_delta_mixers_run_their_three_convolutions_as_one(spec, monkeypatch):
 
     monkeypatch.setattr(conv, "_on_gpu", lambda x: True)
     monkeypatch.setattr(kernels, "SPLIT_OUTPUTS", True)
-    monkeypatch.setattr(kernels, "BC", 16)  # channel blocks that divide q, k and v at the debug size
-    monkeypatch.setattr(kernels, "DZ_TILE", (16, 16))
+    monkeypatch.setattr(kernels, "BC", 32)  # channel blocks that divide q, k and v at the debug size
+    monkeypatch.setattr(kernels, "DZ_TILE", (16, 32))
     calls = []
     real = custom_op.KernelCall.__call__
 
