@@ -224,6 +224,8 @@ def test_compiled_fused_model_equals_eager(monkeypatch):
     ("spec", "kernels"),
     [
         ("gated-deltanet:debug", {"linear_recurrence_chunk_bwd", "causal_conv1d_bwd"}),
+        # its q, k and v convolution's outputs written apart (EFFARCH_CONV_SPLIT=1, 32-channel blocks)
+        ("gated-deltanet:debug:split", {"linear_recurrence_chunk_bwd", "causal_conv1d_split_bwd"}),
         pytest.param(  # GLA has no short convolutions; its kernels' calls trace as Gated DeltaNet's do
             "gla:debug",
             {"linear_recurrence_chunk_bwd", "fused_log_sigmoid_decay_fwd"},
@@ -253,6 +255,12 @@ def test_compiled_linear_model_equals_eager(spec, kernels, monkeypatch):
     monkeypatch.setattr(conv, "_on_gpu", lambda x: True)  # the short convolution's kernel on the CPU too
     for module in (conv, linear):  # as in a fresh process: compile_model loads the kernel modules before any trace
         monkeypatch.setattr(module, "_triton", None)
+    if spec.endswith(":split"):
+        from effarch.ops.conv import kernels as conv_kernels
+
+        spec = spec.removesuffix(":split")
+        for name, value in (("SPLIT_OUTPUTS", True), ("BC", 32), ("DZ_TILE", (16, 32))):
+            monkeypatch.setattr(conv_kernels, name, value)
     cfg = preset_config(spec)
     cfg = dataclasses.replace(cfg, layers=cfg.layer_names[0])  # one block: one graph to compile
     torch.manual_seed(0)
@@ -342,7 +350,7 @@ def test_keep_states_switch_defaults_on():
         assert r.stdout.strip() == expected
 
 
-@pytest.mark.parametrize("spec", ["gated-deltanet:debug", "deltanet:debug"])
+@pytest.mark.parametrize("spec", ["gated-deltanet:debug"])  # DeltaNet's features are the same code
 def test_delta_mixers_run_their_three_convolutions_as_one(spec, monkeypatch):
     """A delta mixer's q, k and v come from one product and pass one short convolution side by side in training:
     one kernel call each way per layer (not three), its outputs written apart, with the PyTorch path's values and

@@ -262,22 +262,22 @@ conv_bwd_op = conv_bwd_op_call.op
 conv_bwd_split_op_call = KernelCall("effarch::causal_conv1d_split_bwd", conv_bwd_split)
 
 
-@conv_bwd_op.register_fake
-def _(dy, x, weight, bias, start, act):
+def _bwd_fake(x, weight, bias):
     return (
         torch.empty_like(x),
         torch.empty_like(weight),
         (torch.empty_like(bias) if bias is not None else x.new_empty(0)),
     )
+
+
+@conv_bwd_op.register_fake
+def _(dy, x, weight, bias, start, act):
+    return _bwd_fake(x, weight, bias)
 
 
 @conv_bwd_split_op_call.op.register_fake
 def _(dy0, dy1, dy2, x, weight, bias, start, act, w0, w1):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(weight),
-        (torch.empty_like(bias) if bias is not None else x.new_empty(0)),
-    )
+    return _bwd_fake(x, weight, bias)
 
 
 def _setup_context(ctx, inputs, output):
