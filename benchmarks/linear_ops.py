@@ -423,15 +423,25 @@ def table(results, check_rows) -> str:
     return "\n".join(out)
 
 
+def _lengths(text: str, ap: argparse.ArgumentParser) -> list[int]:
+    """Comma list of sequence lengths, each a positive multiple of 64 dividing into 32K tokens or longer."""
+    try:
+        lengths = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or any(t < 64 or t % 64 for t in lengths):
+        ap.error(f"lengths {text!r}: give a comma list of positive multiples of 64, e.g. 8192,32768")
+    return lengths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--ops", default=None, help=f"comma list of the rules to run (default all): {', '.join(SHORT)}")
     ap.add_argument("--no-decode", action="store_true", help="skip the decoding-step rows")
     ap.add_argument("--quick-check", action="store_true", help="check dense batches with default products only")
-    ap.add_argument(
-        "--profile", action="store_true", help="per-kernel times of each case at T = 8192 (and of fla's, with fla)"
-    )
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of each case (and of fla's, with fla)")
+    ap.add_argument("--profile-T", default="8192", help="lengths of --profile (comma list; B*T = 32K tokens)")
     ap.add_argument("--peers", default="fla,sdpa,flex", help="comma list of peers to measure: fla, sdpa, flex")
     ap.add_argument("--T", default="2048,4096,8192,32768,131072", help="lengths (B*T = 32K tokens; longer at B = 1)")
     ap.add_argument("--write", action="store_true", help="append a dated section to benchmarks/RESULTS.md")
@@ -493,10 +503,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     check_rows = check(modes=("input",), layouts=(False,)) if args.quick_check else check()
     if args.profile:
-        profile(with_fla=with_fla)
+        for T in _lengths(args.profile_T, ap):
+            profile(T, with_fla=with_fla)
     results: list[dict] = []
     if not args.check_only:
-        speed([int(t) for t in args.T.split(",")], with_fla, peers, results, deadline)
+        speed(_lengths(args.T, ap), with_fla, peers, results, deadline)
         if not args.no_decode:
             decode(with_fla, results)
     text = table(results, check_rows)

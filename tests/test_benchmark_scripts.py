@@ -46,8 +46,10 @@ def test_train_throughput_script(tmp_path):
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["params"] > 0
         assert 0 < r["issue_ms"] <= r["step_ms"]  # the host's issue time is part of the step
-        ph = r["phases"]  # one more step timed phase by phase; no GPU times on the CPU
-        assert set(ph) == {"forward_host_ms", "backward_host_ms", "optimizer_host_ms"} and min(ph.values()) > 0
+        ph = r["phases"]  # one more step run phase by phase, synced apart
+        names = ("forward", "backward", "optimizer")
+        assert set(ph) == {f"{n}_{w}ms" for n in names for w in ("host_", "")}
+        assert all(0 < ph[f"{n}_host_ms"] <= ph[f"{n}_ms"] for n in names)
         assert r["peak_mem_bytes"] is None  # CUDA memory only
         assert r["dtype"] == "float32"
     assert all(r["fused"] is False for r in rows.values() if r["model"].startswith("effarch"))
@@ -301,3 +303,18 @@ def test_linear_ops_variant_groups_sweep_one_at_a_time(monkeypatch):
     assert linear_ops.use_variant(variants[3]) == "ours [DQK_WARPS=4]"
     assert (launch.STATE_FWD_WARPS, backward.DQK_WARPS) == (4, 4)
     assert linear_ops.use_variant({}) == "ours" and (launch.STATE_FWD_WARPS, backward.DQK_WARPS) == (4, 8)
+
+
+def test_linear_ops_lengths_parse(monkeypatch, capsys):
+    """`--T` / `--profile-T`: comma lists of multiples of 64; anything else is one usage sentence, not a traceback."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import argparse
+
+    import linear_ops
+
+    ap = argparse.ArgumentParser(prog="linear_ops.py")
+    assert linear_ops._lengths("8192, 32768", ap) == [8192, 32768]
+    for bad in ("8192,x", "100", "", "-64"):
+        with pytest.raises(SystemExit):
+            linear_ops._lengths(bad, ap)
+        assert "give a comma list of positive multiples of 64" in capsys.readouterr().err

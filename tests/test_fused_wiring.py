@@ -223,8 +223,9 @@ def test_compiled_fused_model_equals_eager(monkeypatch):
 @pytest.mark.parametrize(
     ("spec", "kernels"),
     [
+        # its q, k and v convolution's outputs in one tensor (EFFARCH_CONV_SPLIT=0)
         ("gated-deltanet:debug", {"linear_recurrence_chunk_bwd", "causal_conv1d_bwd"}),
-        # its q, k and v convolution's outputs written apart (EFFARCH_CONV_SPLIT=1, 32-channel blocks)
+        # ... and written apart (the default, at 32-channel blocks so that the debug widths split)
         ("gated-deltanet:debug:split", {"linear_recurrence_chunk_bwd", "causal_conv1d_split_bwd"}),
         pytest.param(  # GLA has no short convolutions; its kernels' calls trace as Gated DeltaNet's do
             "gla:debug",
@@ -255,11 +256,12 @@ def test_compiled_linear_model_equals_eager(spec, kernels, monkeypatch):
     monkeypatch.setattr(conv, "_on_gpu", lambda x: True)  # the short convolution's kernel on the CPU too
     for module in (conv, linear):  # as in a fresh process: compile_model loads the kernel modules before any trace
         monkeypatch.setattr(module, "_triton", None)
-    if spec.endswith(":split"):
-        from effarch.ops.conv import kernels as conv_kernels
+    from effarch.ops.conv import kernels as conv_kernels
 
+    monkeypatch.setattr(conv_kernels, "SPLIT_OUTPUTS", spec.endswith(":split"))
+    if spec.endswith(":split"):
         spec = spec.removesuffix(":split")
-        for name, value in (("SPLIT_OUTPUTS", True), ("BC", 32), ("DZ_TILE", (16, 32))):
+        for name, value in (("BC", 32), ("DZ_TILE", (16, 32))):
             monkeypatch.setattr(conv_kernels, name, value)
     cfg = preset_config(spec)
     cfg = dataclasses.replace(cfg, layers=cfg.layer_names[0])  # one block: one graph to compile

@@ -198,14 +198,15 @@ def test_measured_step_replayed_trains_like_eager(spec):
 
 @needs_cuda
 def test_eager_step_timed_phase_by_phase():
-    """An eager measurement adds one step timed phase by phase: host and GPU milliseconds of the forward, backward
-    and optimizer step, each positive, the GPU's behind a sleep (each below the whole step's time plus the sleep)."""
+    """An eager measurement adds one step run phase by phase, synced apart: the host's issue time and the whole
+    time of the forward, backward and optimizer step, each positive, the issue time within the whole; no gradients
+    are left behind."""
     torch.manual_seed(0)
     cfg = preset_config("gla:debug")
     model = build_model(cfg).cuda()
     r = measure_train_step(model, _loss, batch=2, seq_len=64, vocab_size=cfg.vocab_size, steps=2, warmup=1)
     ph = r["phases"]
     names = ("forward", "backward", "optimizer")
-    assert set(ph) == {f"{n}_{w}_ms" for n in names for w in ("host", "gpu")}
-    assert all(v > 0 for v in ph.values())
-    assert sum(ph[f"{n}_gpu_ms"] for n in names) < 10 * r["step_ms"]  # the sleep is not counted in the phases
+    assert set(ph) == {f"{n}_{w}ms" for n in names for w in ("host_", "")}
+    assert all(0 < ph[f"{n}_host_ms"] <= ph[f"{n}_ms"] for n in names)
+    assert all(p.grad is None for p in model.parameters())

@@ -129,7 +129,7 @@ def measure_train_step(
         return {"oom": True, "batch": batch, "seq_len": seq_len}
     step_s = statistics.median(times)
     # eager: one more step timed phase by phase (`step_phases`), unless phases=False
-    split = step_phases(model, loss_of, opt, ids, ahead_s=max(0.5, 3 * step_s)) if phases and not cuda_graph else None
+    split = step_phases(model, loss_of, opt, ids) if phases and not cuda_graph else None
     out = {
         "batch": batch,
         "seq_len": seq_len,
@@ -143,68 +143,40 @@ def measure_train_step(
     return out
 
 
-def step_phases(model, loss_of, opt, ids, ahead_s: float = 1.0) -> dict:
-    """One more step, its forward, backward and optimizer step timed apart: the host's time to issue each
-    ("*_host_ms") and, on CUDA, the GPU's time to run each ("*_gpu_ms") measured behind a GPU sleep of `ahead_s`
-    seconds, long enough that the host has issued the whole step before the GPU starts it (so GPU times exclude
-    waits for the host). A phase whose host time is above its GPU time leaves the GPU idle: the step is paced by the
-    host there even when the step's total issue time is below its GPU time (a host-paced forward before a
-    GPU-paced backward)."""
+def step_phases(model, loss_of, opt, ids) -> dict:
+    """One more step, its forward, backward and optimizer step run one at a time with the device synced before and
+    after each: "*_host_ms" is the host's time to issue the phase (until its last launch returns), "*_ms" the time
+    until the device has run it too. A phase whose host time is close to its whole time kept the device waiting on
+    the host (host-paced); one whose host time is well below it was paced by the device. (Timing the device alone
+    behind a device-side sleep does not work for long phases: the host blocks once the launch queue is full, after
+    about a thousand launches, and from then on issues at the device's pace.)"""
     device = ids.device
-    cuda = device.type == "cuda"
-    names = ("forward", "backward", "optimizer")
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if cuda else []
-    stamps = []
+    out = {}
 
-    def mark() -> None:
-        if cuda:
-            marks[len(stamps)].record()
-        stamps.append(time.perf_counter())
+    def timed(name: str, fn: Callable[[], object]):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        t1 = time.perf_counter()
+        _sync(device)
+        out[f"{name}_host_ms"], out[f"{name}_ms"] = 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t0)
+        return result
 
-    _sync(device)
-    if cuda:
-        torch.cuda._sleep(_sleep_cycles(device, ahead_s))  # the host runs ahead meanwhile
-    mark()
-    loss = loss_of(model, ids)
-    mark()
-    loss.backward()
-    mark()
-    opt.step()
-    mark()
+    loss = timed("forward", lambda: loss_of(model, ids))
+    timed("backward", loss.backward)
+    timed("optimizer", opt.step)
     opt.zero_grad(set_to_none=True)
-    host = [b - a for a, b in zip(stamps, stamps[1:])]
-    _sync(device)
-    out = {f"{n}_host_ms": 1e3 * h for n, h in zip(names, host, strict=True)}
-    if cuda:
-        out.update({f"{n}_gpu_ms": marks[i].elapsed_time(marks[i + 1]) for i, n in enumerate(names)})
     return out
 
 
-def _sleep_cycles(device: torch.device, seconds: float) -> int:
-    """GPU clock cycles of `torch.cuda._sleep` that last about `seconds` (calibrated once per device)."""
-    key = str(device)
-    if key not in _CYCLES_PER_S:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(10**7)
-        end.record()
-        end.synchronize()
-        _CYCLES_PER_S[key] = 10**7 / max(start.elapsed_time(end) / 1e3, 1e-6)
-    return int(seconds * _CYCLES_PER_S[key])
-
-
-_CYCLES_PER_S: dict[str, float] = {}
-
-
 def phase_summary(phases: dict | None) -> str:
-    """ "forward host 70 / GPU 61 ms, backward ..." from `step_phases` (GPU times on CUDA only); "" for None."""
+    """ "phases synced apart, issued in / run in: forward 70 / 75 ms, ..." from `step_phases`; "" for None."""
     if not phases:
         return ""
-    parts = []
-    for n in ("forward", "backward", "optimizer"):
-        gpu = phases.get(f"{n}_gpu_ms")
-        parts.append(f"{n} host {phases[f'{n}_host_ms']:.0f}" + ("" if gpu is None else f" / GPU {gpu:.0f}"))
-    return ", ".join(parts) + " ms"
+    parts = [
+        f"{n} {phases[f'{n}_host_ms']:.0f} / {phases[f'{n}_ms']:.0f}" for n in ("forward", "backward", "optimizer")
+    ]
+    return "phases synced apart, issued in / run in: " + ", ".join(parts) + " ms"
 
 
 def measure_generate(
