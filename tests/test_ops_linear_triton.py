@@ -470,6 +470,20 @@ def test_delta_reverse_pass_in_key_halves_only_up_to_128_keys(case, monkeypatch)
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
+@pytest.mark.parametrize("dots", ["input", "decay"])
+def test_dv_products_setting(dots, monkeypatch):
+    """backward.DV_DOTS with bf16 inputs and per-key decay (whose decay-gradient kernels take tf32 products):
+    "input" runs the dv kernel with bf16 products, "decay" with tf32; both match the float32 reference to bf16
+    accuracy."""
+    monkeypatch.setattr(backward, "DV_DOTS", dots)
+    seen = []
+    spy_launches(monkeypatch, bwd_kernels, "dv_local_kernel", lambda a: seen.append(a[-2]))  # DTC
+    assert backward.decay_grad_forms(2)[1] == "tf32"
+    check_bf16_on_the_interpreter("per_key", 1, 128, seed=25)
+    assert seen == [3 if dots == "input" else 4]  # 3: the interpreter's emulated bf16 products
+
+
+@pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
 @pytest.mark.parametrize("case", ["delta", "gated_delta"])
 @pytest.mark.parametrize("dots", ["input", "tf32"])
 def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
@@ -487,19 +501,20 @@ def test_delta_dq_dk_products_setting(case, dots, monkeypatch):
 @pytest.mark.parametrize(("case", "packed"), [(c, False) for c in CASES] + [("scalar", True), ("delta", True)])
 def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
     """launch.SAVE_STATES: the forward keeps the states entering each chunk (dense batches; and the delta rule's W
-    and pseudo-values), so the backward runs no state pass or WY kernel of its own; outputs and gradients are bit
-    for bit those of recomputing. Packed batches recompute as before."""
+    and pseudo-values, and a decay's chunk-local cumsum), so the backward runs no state pass, WY kernel or cumsum
+    of its own; outputs and gradients are bit for bit those of recomputing. Packed batches recompute as before."""
     q, k, v, kw, cu = packed_or_dense(case, packed, 20, 16, seed=6)
     launches = []
-    for name in ("state_fwd_kernel", "delta_prep_kernel"):
+    for name in ("state_fwd_kernel", "delta_prep_kernel", "chunk_cumsum_kernel"):
         spy_launches(monkeypatch, fwd_kernels, name, lambda a, name=name: launches.append(name))
     results = {}
+    decayed = kw.get("log_decay") is not None
     for keep in (False, True):
         monkeypatch.setattr(launch, "SAVE_STATES", keep)
         launches.clear()
         results[keep] = outputs_and_grads(linear_recurrence_triton, q, k, v, kw, cu)
         runs = 1 if keep and not packed else 2  # the forward's, and the backward's unless kept
-        assert len(launches) == runs * (2 if CASES[case][0] == "delta" else 1)
+        assert len(launches) == runs * (1 + (CASES[case][0] == "delta") + decayed), launches
     for name in results[False]:
         assert torch.equal(results[True][name], results[False][name]), name
     ref = outputs_and_grads(linear_recurrence_reference, q, k, v, kw, cu)
@@ -507,18 +522,30 @@ def test_kept_states_spare_the_backward_a_state_pass(case, packed, monkeypatch):
 
 
 def test_auto_state_pass_takes_two_phases_for_per_key_decay_and_long_sequences(monkeypatch):
-    """STATE_PASS = "auto": two phases for per-key decay at any length; for a scalar decay and the delta rule from
-    TWO_PHASE_CHUNKS chunks per sequence on average; never for the additive rule without decay. "fused" and
-    "two_phase" force the choice, anything else is refused in one sentence."""
+    """STATE_PASS = "auto": two phases for per-key decay's reverse pass at any length (its forward pass as
+    GLA_FWD_STATE_PASS says: under "auto" from TWO_PHASE_CHUNKS chunks per sequence); for a scalar decay and the delta rule from TWO_PHASE_CHUNKS chunks per sequence on
+    average; never for the additive rule without decay. "fused" and "two_phase" force the choice, anything else is
+    refused in one sentence."""
     monkeypatch.setattr(launch, "STATE_PASS", "auto")
     n = launch.TWO_PHASE_CHUNKS
     assert launch.two_phase_pass(2, 4, 4)
+    for fwd in ("auto", "fused", "two_phase"):
+        monkeypatch.setattr(launch, "GLA_FWD_STATE_PASS", fwd)
+        assert launch.two_phase_pass(2, 4, 4, forward=True) == (fwd == "two_phase") and launch.two_phase_pass(2, 4, 4)
+        long = launch.two_phase_pass(2, 1, n, forward=True)
+        assert long == (fwd != "fused") and launch.two_phase_pass(2, 1, n)
     for gk, delta in ((1, False), (0, True), (1, True)):
         assert not launch.two_phase_pass(gk, 4, 4 * n - 1, delta) and launch.two_phase_pass(gk, 4, 4 * n, delta)
     assert not launch.two_phase_pass(0, 1, 100 * n)
     for forced in ("fused", "two_phase"):
         monkeypatch.setattr(launch, "STATE_PASS", forced)
-        got = {launch.two_phase_pass(gk, 1, c, d) for gk in (0, 1, 2) for c in (1, 4 * n) for d in (False, True)}
+        got = {
+            launch.two_phase_pass(gk, 1, c, d, f)
+            for gk in (0, 1, 2)
+            for c in (1, 4 * n)
+            for d in (False, True)
+            for f in (False, True)
+        }
         assert got == {forced == "two_phase"}
     monkeypatch.setattr(launch, "STATE_PASS", "two-phase")
     with pytest.raises(ValueError, match="valid: 'auto', 'fused', 'two_phase'"):
@@ -750,13 +777,15 @@ def test_fake_implementation_matches_schema():
     g = kw["log_decay"].reshape(8, 1).float()
     args = (q[0], k[0], v[0], g, None, kw["initial_state"], cu, 0.25, False, 8, 32 if not CUDA else 64, True)
     torch.library.opcheck(ops.chunk_fwd_op, args, test_utils=("test_schema", "test_faketensor"))
-    kept = ops.chunk_fwd_op(*args, True)[3]  # the states entering each chunk, kept for the backward
-    assert kept.shape == (1, 1, 16, 16)
+    out = ops.chunk_fwd_op(*args, True)  # the states entering each chunk and the decay's cumsum, kept for the backward
+    kept, G = out[3], out[6]
+    assert kept.shape == (1, 1, 16, 16) and G.shape == g.shape and G.dtype == torch.float32
+    torch.testing.assert_close(G, g.cumsum(0))  # one chunk: the cumsum over the sequence
     torch.library.opcheck(ops.chunk_fwd_op, (*args, True), test_utils=("test_schema", "test_faketensor"))
     beta = torch.rand(8, 1, device=DEV)
     delta_args = (*args[:4], beta, *args[5:8], True, *args[9:], True)  # the delta rule keeps W and U too
-    _, _, _, h, w, u = ops.chunk_fwd_op(*delta_args)
-    assert h.shape == (1, 1, 16, 16) and w.shape == (8, 1, 16) and u.shape == (8, 1, 16)
+    _, _, _, h, w, u, G = ops.chunk_fwd_op(*delta_args)
+    assert h.shape == (1, 1, 16, 16) and w.shape == (8, 1, 16) and u.shape == (8, 1, 16) and G.shape == g.shape
     torch.library.opcheck(ops.chunk_fwd_op, delta_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -809,6 +838,9 @@ SETTINGS = [
     *({"DECAY_GRAD_DOTS": "tf32", "case": c} for c in ("fixed", "scalar")),
     *({"STATE_GRAD_BUFFER": "float32", "case": c} for c in CASES),
     *({"DV_LOCAL_WARPS": 8, "case": c} for c in CASES),
+    *({"DV_LOCAL_BV": 128, "DV_LOCAL_WARPS": w, "case": c} for w in (4, 8) for c in CASES),
+    *({"DV_DOTS": "decay", "case": c} for c in ("fixed", "scalar", "per_key")),
+    *({"GLA_FWD_STATE_PASS": p, "case": "per_key"} for p in ("fused", "two_phase")),  # "auto": one of the two
     *({"OUT_FWD_WARPS": 8, "case": c} for c in CASES),
     *({"GLA_INTRA_BWD_BK": b, "GLA_INTRA_BWD_WARPS": w, "case": "per_key"} for b, w in ((64, 8), (32, 4), (32, 8))),
     *({"DELTA_DQK_DOTS": "tf32", "case": c} for c in ("delta", "gated_delta")),

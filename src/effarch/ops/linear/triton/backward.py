@@ -43,6 +43,9 @@ STATE_BWD_DOTS = "input"
 # (H200, 8K, bf16: decay gradient 2.9e-3 relative error for scalar and per-key decay), tf32 with the
 # sequence-long suffix sums. Scalar decay's fwd + bwd took 2.19 ms with "input" against 3.69 with tf32 there.
 DECAY_GRAD_DOTS = "auto"
+# The additive rule's dv kernel: "input" takes its products in the 16-bit inputs' dtype whatever DECAY_GRAD_DOTS
+# says (dv does not enter the decay gradient's long sums), "decay" as the decay-gradient kernels do.
+DV_DOTS = "input"
 # The delta rule's dq / dk / dW kernel: with products in the input dtype it must hold all K keys per program (blocks
 # of 64 gave wrong dk in bf16 on an H200, see dqk_kernel's launch), and its sm_90 build then spills 1.5 KB per thread
 # at K = V = 128; with tf32 products it runs in blocks of 64 keys. "input" until measured side by side.
@@ -232,7 +235,7 @@ def chunk_backward(
     local_dtc = 4 if (half and additive_decay and decay_dots == "tf32") else dtc
 
     def dv_local(out, dh, add_state, dots):
-        BVl = min(_pow2(V), 64)
+        BVl = min(_pow2(V), launch.DV_LOCAL_BV)
         bwd_kernels.dv_local_kernel[(cdiv(V, BVl), NT, H)](
             q, k, dummy if p.G is None else p.G, dummy if A is None else A, dummy if dh is None else dh, do, out,
             table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BVl, gk, add_state, dots, min(BK, 64),
@@ -274,7 +277,8 @@ def chunk_backward(
         )  # fmt: skip
     dv = _empty(T, H, V, dtype=v.dtype, device=dev)
     if not delta:
-        dv_local(dv, dh, True, local_dtc)
+        dv_input = launch.setting("backward", "DV_DOTS", DV_DOTS, ("input", "decay")) == "input"
+        dv_local(dv, dh, True, dtc if dv_input else local_dtc)
     # dq and dk (float32 where more terms are added to them later), dW for the delta rule
     f32 = lambda *shape: _empty(*shape, dtype=torch.float32, device=dev)  # noqa: E731
     dq = f32(T, H, K) if gk == 2 else _empty(T, H, K, dtype=q.dtype, device=dev)

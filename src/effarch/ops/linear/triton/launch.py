@@ -108,8 +108,9 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 # The additive rule's state passes: "fused" walks each sequence's chunks with the chunk's products inside the
 # sequential loop; "two_phase" forms every chunk's own term first, all chunks in parallel (`chunk_outer_kernel`),
 # so the sequential pass only decays and adds (and the delta rule's reverse pass takes one product fewer); "auto"
-# takes two phases for per-key decay, and for a scalar decay or the delta rule over sequences of TWO_PHASE_CHUNKS
-# chunks or more on average; the additive rule without decay stays fused. Measured on an H200 (fwd + bwd, 32,768
+# takes two phases for per-key decay's reverse pass (its forward: GLA_FWD_STATE_PASS), and for a scalar decay or
+# the delta rule over sequences of TWO_PHASE_CHUNKS chunks or more on average; the additive rule without decay stays
+# fused. Measured on an H200 (fwd + bwd, 32,768
 # tokens, H = 16, K = V = 128, bf16, states kept): two phases won for GLA at 8K and 32K (8.67 against 8.95 ms, 8.71
 # against 10.00) and at 32K for scalar decay (3.69 against 4.49), the delta rule (6.97 against 7.35) and gated delta
 # (8.84 against 9.17), but lost for linear attention (no decay) at 32K (3.18 against 2.14) and 8K (2.43 against
@@ -117,6 +118,12 @@ def state_blocks(K: int, V: int, n_heads: int, split: bool) -> tuple[int, int]:
 # and the delta rule was even (5.99 against 6.04).
 STATE_PASS = "auto"
 TWO_PHASE_CHUNKS = 256
+# Per-key decay's forward state pass under "auto" (its reverse pass always takes two phases there): "auto" takes two
+# phases over sequences of TWO_PHASE_CHUNKS chunks or more on average, as for a scalar decay; "fused" / "two_phase"
+# always. On an H200 (bf16, B*T = 32K, states kept; fwd / fwd + bwd ms) fused against two phases: 1.239 / 4.764
+# against 1.434 / 4.965 at 8K x 4, 1.635 / 5.637 against 1.539 / 5.540 at 32K x 1; both passes fused lost at 8K
+# (5.062 against 5.036 before the fused forward): the reverse pass is the one that gains from two phases.
+GLA_FWD_STATE_PASS = "auto"
 # Warps per program of chunk-local kernels whose sm_90 build spills at K = V = 128 with 4 warps (ptxas, bf16):
 # delta_prep 2.7 KB per thread (52 B with 8), dv_local with tf32 products 1.2 KB (none with 8), out_fwd with a
 # scalar decay 0.4 KB (none with 8). Fewer spills need not mean faster (8 warps measured slower forward before):
@@ -135,6 +142,11 @@ DELTA_PREP_IN_REGS = True
 # 456 B per thread against 84 (gated: 636 against 180) and is still the faster.
 DELTA_INVERSE = "doubling"
 DV_LOCAL_WARPS = 4
+# Value columns per program of dv_local_kernel: each program recomputes the chunk's scores (per-key decay: its
+# decayed keys K e^{G_C - G}, [C, K]) for its columns, so 64 of 128 does that twice per chunk. On an H200 (8K, bf16,
+# fwd + bwd ms, one run) 128 with 4 warps against 64: GLA 4.975 / 5.033, delta rule 3.054 / 3.092, gated delta
+# 3.934 / 3.968, scalar decay even (1.918 / 1.920); 8 warps lost at both widths.
+DV_LOCAL_BV = 128
 OUT_FWD_WARPS = 4
 # Warps and pipeline stages of the sequential state passes (forward; backward in backward.py): each program walks
 # its sequence's chunks one after another, so with few programs per SM (256 at 4 x 8K tokens, 16 heads, 4 value
@@ -168,13 +180,17 @@ def setting(where: str, name: str, value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
-def two_phase_pass(gk: int, n_sequences: int, n_chunks: int, delta: bool = False) -> bool:
+def two_phase_pass(gk: int, n_sequences: int, n_chunks: int, delta: bool = False, forward: bool = False) -> bool:
     """Whether the state passes take two phases (see STATE_PASS) for decay kind `gk` (0 none, 1 scalar, 2 per
     key) of the additive rule, or of the delta rule when `delta`, over `n_chunks` chunks of `n_sequences`
-    sequences."""
+    sequences; `forward`: the forward state pass (else the reverse one)."""
     if setting("launch", "STATE_PASS", STATE_PASS, ("auto", "fused", "two_phase")) != "auto":
         return STATE_PASS == "two_phase"
-    return gk == 2 or (gk == 1 or delta) and n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
+    long = n_chunks >= TWO_PHASE_CHUNKS * max(n_sequences, 1)
+    if gk == 2 and forward:
+        fwd = setting("launch", "GLA_FWD_STATE_PASS", GLA_FWD_STATE_PASS, ("auto", "fused", "two_phase"))
+        return fwd == "two_phase" or fwd == "auto" and long
+    return gk == 2 or (gk == 1 or delta) and long
 
 
 def inverse_by_doubling() -> bool:
@@ -227,12 +243,14 @@ class ForwardPieces:
 @dataclass
 class KeptStates:
     """What a training forward keeps so that its backward forms no state pass of its own: the states entering each
-    chunk, the final states (when output), and for the delta rule W and the pseudo-values U."""
+    chunk, the final states (when output), for the delta rule W and the pseudo-values U, and the chunk-local decay
+    cumsum G (the backward needs G, not g: kept in g's place it costs no memory and saves a pass over g)."""
 
     h: torch.Tensor
     hT: torch.Tensor | None
     W: torch.Tensor | None = None
     vnew: torch.Tensor | None = None
+    G: torch.Tensor | None = None
 
 
 def forward_pieces(
@@ -260,8 +278,8 @@ def forward_pieces(
     if BK > 256:
         raise ValueError(f"key dim K = {K} is too large for the Triton kernels; valid is K <= 256")
     NT, N = table.n_chunks, table.n_seqs
-    G = None
-    if g is not None:
+    G = None if states is None else states.G
+    if g is not None and G is None:
         G = _empty(*g.shape, dtype=torch.float32, device=g.device)
         fwd_kernels.chunk_cumsum_kernel[(NT, H)](
             g, G, table.chunk_tok, table.chunk_eos, H, K, chunk, BK, g.dim() == 3, num_warps=4
@@ -286,7 +304,7 @@ def forward_pieces(
     h = _empty(NT, H, K, V, dtype=state_dtype, device=q.device)
     hT = _empty(N, H, K, V, dtype=torch.float32, device=q.device) if store_final else None
     dummy = q
-    two_phase = two_phase_pass(gkind(g), N, NT) and not delta
+    two_phase = two_phase_pass(gkind(g), N, NT, forward=True) and not delta
     D = dummy
     if two_phase:  # each chunk's term first (into h itself when it is float32), then decay and add
         D = h if state_dtype == torch.float32 else _empty(NT, H, K, V, dtype=torch.float32, device=q.device)
@@ -345,7 +363,7 @@ def chunk_forward(
         q, k, v if p.vnew is None else p.vnew, q if p.G is None else p.G, q if A is None else A, p.h, o,
         table.chunk_tok, table.chunk_eos, scale, H, K, V, chunk, BK, BV, gkind(g), dtc, num_warps=OUT_FWD_WARPS,
     )  # fmt: skip
-    return o, p.hT, p.X if delta else A, KeptStates(p.h, p.hT, p.W, p.vnew)
+    return o, p.hT, p.X if delta else A, KeptStates(p.h, p.hT, p.W, p.vnew, p.G)
 
 
 def recurrent_forward(

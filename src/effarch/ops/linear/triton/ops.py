@@ -36,12 +36,12 @@ def chunk_fwd(
     chunk: int,
     store_final: bool,
     keep_states: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Packed q, k [T,H,K], v [T,H,V], g None/[T,H]/[T,H,K] float32, beta [T,H], h0 [N,H,K,V] float32,
     cu [N+1] int32 -> (o [T,H,V], final state [N,H,K,V] float32 or an empty tensor, float32 [T,H,C] that
     the backward reuses: the delta rule's inverses or the per-key decay's intra-chunk scores, else empty, and with
-    `keep_states` on a dense batch the states entering each chunk [NT,H,K,V] and for the delta rule W [T,H,K] and
-    the pseudo-values [T,H,V], each else empty)."""
+    `keep_states` on a dense batch the states entering each chunk [NT,H,K,V], for the delta rule W [T,H,K] and
+    the pseudo-values [T,H,V], and with a decay its chunk-local cumsum G (g's shape, float32), each else empty)."""
     table = ChunkTable.build(cu, dense_len, chunk)
     q, k = expand_key_heads(q, k, v.shape[1], dim=1)  # key groups: the copies live only during the call
     with kernel_build_options(q.shape[-1], v.shape[-1]):
@@ -49,7 +49,7 @@ def chunk_fwd(
             q, k, v, g, beta, h0, table, chunk, scale, delta=delta, store_final=store_final
         )
     keep = keep_states and dense_len > 0  # dense: the chunks' count is known without the lengths (fake shapes)
-    pieces = [kept.h, kept.W, kept.vnew] if keep else [None] * 3
+    pieces = [kept.h, kept.W, kept.vnew, kept.G] if keep else [None] * 4
     return o, *(x if x is not None else _empty(q) for x in (hT, saved, *pieces))
 
 
@@ -63,13 +63,15 @@ def _(q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, kee
     final = q.new_empty(n, H, K, V, dtype=torch.float32) if store_final else _empty(q)
     keeps = delta or (g is not None and g.dim() == 3)
     saved = q.new_empty(T, H, chunk, dtype=torch.float32) if keeps else _empty(q)
-    states, w, vnew = _empty(q), _empty(q), _empty(q)
+    states, w, vnew, G = _empty(q), _empty(q), _empty(q), _empty(q)
     if keep_states and dense_len > 0:
+        if g is not None:
+            G = torch.empty_like(g, dtype=torch.float32)
         state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
         states = q.new_empty(n * -(-dense_len // chunk), H, K, V, dtype=state_dtype)
         if delta:
             w, vnew = q.new_empty(T, H, K), torch.empty_like(v)
-    return torch.empty_like(v), final, saved, states, w, vnew
+    return torch.empty_like(v), final, saved, states, w, vnew, G
 
 
 def chunk_bwd(
@@ -91,12 +93,18 @@ def chunk_bwd(
     final: Tensor | None = None,
     w: Tensor | None = None,
     vnew: Tensor | None = None,
+    g_cumsum: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dg, dbeta, dh0); the last three are empty when g, beta or h0 is None. `saved` is the
-    forward's third output; `states`, `w`, `vnew` its last three and `final` its second when it kept them."""
+    forward's third output; `states`, `w`, `vnew` its fourth to sixth and `final` its second when it kept them;
+    `g_cumsum`: g is the forward's kept cumsum G (its seventh output) in place of the log decay."""
     table = ChunkTable.build(cu, dense_len, chunk)
     given = lambda x: x if x is not None and x.numel() else None  # noqa: E731
-    kept = None if given(states) is None else KeptStates(states, given(final), given(w), given(vnew))
+    if g_cumsum and given(states) is None:
+        raise ValueError("g_cumsum=True needs the forward's kept states")
+    kept = None
+    if given(states) is not None:
+        kept = KeptStates(states, given(final), given(w), given(vnew), g if g_cumsum else None)
     with kernel_build_options(q.shape[-1], v.shape[-1]):
         dq, dk, dv, dg, dbeta, dh0 = chunk_backward(
             do, dhT, q, k, v, g, beta, h0, saved if saved.numel() else None, table, chunk, scale, dense_len,
@@ -118,7 +126,7 @@ chunk_bwd_op = chunk_bwd_op_call.op
 
 @chunk_bwd_op.register_fake
 def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states=None, final=None, w=None,
-      vnew=None):  # fmt: skip
+      vnew=None, g_cumsum=False):  # fmt: skip
     return (
         torch.empty_like(q),
         torch.empty_like(k),
@@ -131,7 +139,9 @@ def _(do, dhT, q, k, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, g, beta, h0, cu, scale, delta, dense_len, chunk, store_final, *_ = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu, output[2], output[1], *output[3:])
+    G = output[6]
+    ctx.g_cumsum = G.numel() > 0  # the kept cumsum saved in g's place (the backward needs G only)
+    ctx.save_for_backward(q, k, v, G if ctx.g_cumsum else g, beta, h0, cu, output[2], output[1], *output[3:6])
     ctx.mark_non_differentiable(*output[2:])
     # No zero tensors for the outputs kept for the backward alone (the chunk states: hundreds of MB a layer), nor
     # for an unused final state: each would be one more launch and a memset.
@@ -147,7 +157,25 @@ def _backward(ctx, do, dhT, *_kept):
     qe, ke = expand_key_heads(q, k, v.shape[1], dim=1)
     do = torch.zeros_like(v) if do is None else do.contiguous()  # only the final state had a gradient
     dq, dk, dv, dg, dbeta, dh0 = chunk_bwd_op_call(
-        do, dhT, qe, ke, v, g, beta, h0, saved, cu, scale, delta, dense_len, chunk, states, final, w, vnew
+        do,
+        dhT,
+        qe,
+        ke,
+        v,
+        g,
+        beta,
+        h0,
+        saved,
+        cu,
+        scale,
+        delta,
+        dense_len,
+        chunk,
+        states,
+        final,
+        w,
+        vnew,
+        ctx.g_cumsum,
     )
     if groups != v.shape[1]:  # a key group's gradient sums over the heads it serves
         dq, dk = (x.unflatten(1, (groups, -1)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dq, dk))
