@@ -425,6 +425,8 @@ def dqk_kernel(
                 ds_s0 += tl.sum(s0T.to(tl.float32) * dsT, axis=1)
         if STATE_TERM:
             s_ds += tl.sum(s0T.to(tl.float32) * dsT.to(tl.float32), axis=0)
+    if DELTA:  # dw is whole: stored first, its tile's registers free for what follows
+        tl.store(dw + off_tk, dw_acc.to(dw.dtype.element_ty), mask=m_tk)
     # decay factors: eq = e^G (for Q), ek = e^{G_C - G} (for K), gam = Gamma
     if GKIND == 1:
         gt = tl.load(G + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
@@ -459,41 +461,40 @@ def dqk_kernel(
         if GKIND == 1:
             gam = tl.exp(tl.where(causal, gt[:, None] - gt[None, :], float("-inf")))
             dsc = dsc * gam
+        if GKIND == 1 and DELTA:
+            # gradient w.r.t. G from e^G in the inter-chunk output, e^{G_C - G} in the state update, the decayed
+            # state itself (at the chunk's last token) and the score decay in P; formed before dq and dk so that
+            # the inter-chunk tiles are consumed into them (fewer tiles live at once)
+            dG = tl.sum(dq_in * qq.to(tl.float32), axis=1)
+            dkst_k = tl.sum(dk_st * kk.to(tl.float32), axis=1)
+            dG -= dkst_k
+            dGl = tl.sum(dkst_k, axis=0) + tl.exp(gl) * tl.sum(ds_s0, axis=0)
+            dG += tl.where(rt == t_last, dGl, 0.0)
+            if i_k == 0:  # the score decay needs the scores, over all keys
+                if BK == BKF:  # this program holds every key already
+                    qa, ka = qq, kk
+                else:
+                    rkf = tl.arange(0, BKF)
+                    off_f = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkf[None, :]
+                    m_f = mt[:, None] & (rkf < K)[None, :]
+                    qa = tl.load(q + off_f, mask=m_f, other=0.0)
+                    ka = tl.load(k + off_f, mask=m_f, other=0.0)
+                p = tl.where(causal, mm(qa, tl.trans(ka), DTC) * gam, 0.0) * scale
+                d1 = dp * p
+                dG += tl.sum(d1, axis=1) - tl.sum(d1, axis=0)
+            tl.store(dgx + off_gx, tl.where(mt, dG, 0.0), mask=mt)
         dqq = dq_in + mm(dsc, kk, DTC)
+        if GKIND == 1 and not DELTA:
+            xq = tl.sum(qq.to(tl.float32) * dqq, axis=1)
+        tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
         dkk = dk_st + mm(tl.trans(dsc), qq, DTC)
-        if GKIND == 1:
-            qf = qq.to(tl.float32)
-            kf = kk.to(tl.float32)
-            if DELTA:
-                # gradient w.r.t. G from the score decay in P, e^G in the inter-chunk output, e^{G_C - G} in the
-                # state update and the decayed state itself (at the chunk's last token)
-                dG = tl.sum(dq_in * qf, axis=1)
-                if i_k == 0:  # the score decay needs the scores, over all keys
-                    if BK == BKF:  # this program holds every key already
-                        qa, ka = qq, kk
-                    else:
-                        rkf = tl.arange(0, BKF)
-                        off_f = (rt.to(tl.int64)[:, None] * H + i_h) * K + rkf[None, :]
-                        m_f = mt[:, None] & (rkf < K)[None, :]
-                        qa = tl.load(q + off_f, mask=m_f, other=0.0)
-                        ka = tl.load(k + off_f, mask=m_f, other=0.0)
-                    p = tl.where(causal, mm(qa, tl.trans(ka), DTC) * gam, 0.0) * scale
-                    d1 = dp * p
-                    dG += tl.sum(d1, axis=1) - tl.sum(d1, axis=0)
-                dkst_k = tl.sum(dk_st * kf, axis=1)
-                dG -= dkst_k
-                dGl = tl.sum(dkst_k, axis=0) + tl.exp(gl) * tl.sum(ds_s0, axis=0)
-                dG += tl.where(rt == t_last, dGl, 0.0)
-                tl.store(dgx + off_gx, tl.where(mt, dG, 0.0), mask=mt)
-            elif STATE_TERM:
-                x = tl.sum(qf * dqq - kf * dkk, axis=1)
+        tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
+        if GKIND == 1 and not DELTA:
+            x = xq - tl.sum(kk.to(tl.float32) * dkk, axis=1)
+            if STATE_TERM:
                 tl.store(dgx + off_gx, chunk_reverse_cumsum(x) + tl.sum(later_k, axis=0), mask=mt)
             else:
-                tl.store(dgx + off_gx, tl.sum(qf * dqq - kf * dkk, axis=1), mask=mt)
-        tl.store(dq + off_tk, dqq.to(dq.dtype.element_ty), mask=m_tk)
-        tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
-    if DELTA:
-        tl.store(dw + off_tk, dw_acc.to(dw.dtype.element_ty), mask=m_tk)
+                tl.store(dgx + off_gx, x, mask=mt)
 
 
 @triton.jit
@@ -572,6 +573,8 @@ def wy_bwd_kernel(
     drw = mm(xT, dww, DTC)  # X^T dW
     dkk = tl.load(dk_part + off_tk, mask=m_tk, other=0.0) + drw * eq * bt[:, None]
     dbeta_acc += tl.sum(drw * kg, axis=1)
+    if GKIND == 1:  # the gradient w.r.t. the chunk-local cumsum G: e^G in diag(b e^G) K (formed while drw is live)
+        dG = tl.load(dgx + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0) + tl.sum(drw * rw, axis=1)
     da = -mm(xT, mm(dx, xT, DTC), DTC)  # -X^T dX X^T
     da = tl.where(strict, da, 0.0)
     kkt = mm(kk, tl.trans(kk), DTC)
@@ -581,18 +584,16 @@ def wy_bwd_kernel(
     dbeta_acc += tl.sum(da * kkt, axis=1)
     mmat = da * bt[:, None]
     if GKIND == 1:
+        d2 = mmat * kkt  # the score decay in A
+        dG += tl.sum(d2, axis=1) - tl.sum(d2, axis=0)
         mmat = mmat * gam
-    dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
-    tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + rt.to(tl.int64) * H + i_h, dbeta_acc.to(dbeta.dtype.element_ty), mask=mt)
-    if GKIND == 1:
-        # the gradient w.r.t. the chunk-local cumsum G, then dg = its reverse cumsum within the chunk
-        d2 = da * kkt * bt[:, None]  # score decay in A
-        dG = tl.load(dgx + rt.to(tl.int64) * H + i_h, mask=mt, other=0.0)
-        dG += tl.sum(d2, axis=1) - tl.sum(d2, axis=0) + tl.sum(drw * rw, axis=1)  # and e^G in diag(b e^G) K
+    if GKIND == 1:  # dg = the reverse cumsum of dG within the chunk
         dG = tl.where(mt, dG, 0.0)
         dgg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG
         tl.store(dg + rt.to(tl.int64) * H + i_h, dgg, mask=mt)
+    dkk += mm(mmat, kf, DTC) + mm(tl.trans(mmat), kf, DTC)
+    tl.store(dk + off_tk, dkk.to(dk.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
