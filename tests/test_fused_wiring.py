@@ -158,6 +158,20 @@ def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
     _assert_same(out, ref)
 
 
+def test_mamba2_step_and_values_fused():
+    """Mamba-2's step, log decay and scaled values run as one fused kernel each way (seen running) and the model
+    equals its PyTorch path, values and gradients."""
+    torch.manual_seed(0)
+    model = build_model("mamba2:debug").to(DEV)
+    ids = torch.randint(0, 260, (2, 13), device=DEV)
+    with fused.use_fused(False):
+        ref = _run(model, ids)
+    with fused.use_fused(FORCE), _RecordOps() as on:
+        out = _run(model, ids)
+    assert {"fused_ssd_inputs_fwd", "fused_ssd_inputs_bwd"} <= on.names
+    _assert_same(out, ref)
+
+
 def test_delta_rule_unit_heads_fused():
     """DeltaNet's L2 normalisation of q and k runs as the fused RMSNorm (seen running) and equals F.normalize, values
     and gradients."""

@@ -31,6 +31,8 @@ from effarch.ops.fused import (  # noqa: E402
     log_sigmoid_decay_reference,
     rms_norm,
     rms_norm_reference,
+    ssd_inputs,
+    ssd_inputs_reference,
     swiglu,
     swiglu_packed,
     swiglu_reference,
@@ -300,6 +302,83 @@ def test_delta_gates_reference_is_the_layer_formula():
     g, beta = delta_gates_reference(torch.cat([a, b], -1), A_log, dt_bias, 2.0)
     assert rel_err(g, -A_log.exp() * torch.log1p(torch.exp(a + dt_bias))) < 1e-12
     assert rel_err(beta, 2 / (1 + torch.exp(-b))) < 1e-12
+
+
+# Mamba-2's step, decay and scaled values -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("N", "H", "P"), [(3, 2, 16), (700, 6, 24), (5, 3, 5)])
+def test_ssd_inputs_match_reference(N, H, P):
+    """dt as a slice of a wider projection (its row stride 3H + 1, as Mamba-2 takes it), pre-activations from -40
+    to 40 (softplus's ends), several programs (700 x 6 pairs of 24 channels: 50 programs), heads and channels not
+    powers of two: both outputs and the gradients of dt, x, A_log and dt_bias (the last two summed over tokens)."""
+    wide = (_randn(2, N, 3 * H + 1, seed=0, grad=False) * 15).requires_grad_()
+    dt = wide[..., 1 : H + 1]
+    x = _randn(2, N, H, P, seed=1)
+    A_log, dt_bias = _randn(H, seed=2), _randn(H, seed=3)
+    args = (dt, x, A_log, dt_bias)
+    _check(ssd_inputs(*args, backend="triton"), ssd_inputs_reference(*args), (wide, x, A_log, dt_bias), 4)
+
+
+@pytest.mark.parametrize("used", ["log_decay", "v"])
+def test_ssd_inputs_gradient_through_one_output_alone(used):
+    """A loss of one output alone: the other's gradient arrives as None; dx is zero without v's."""
+    grads = []
+    for fn in (lambda *a: ssd_inputs(*a, backend="triton"), ssd_inputs_reference):
+        inputs = (_randn(9, 4, seed=0), _randn(9, 4, 8, seed=1), _randn(4, seed=2), _randn(4, seed=3))
+        log_decay, v = fn(*inputs)
+        out = log_decay if used == "log_decay" else v
+        loss = (out * _randn(*out.shape, seed=5, grad=False)).sum()
+        got = torch.autograd.grad(loss, inputs, allow_unused=True)
+        grads.append([torch.zeros_like(t) if d is None else d for d, t in zip(got, inputs)])
+    for ours, ref in zip(*grads):
+        assert torch.isfinite(ours).all() and (rel_err(ours, ref) < TOL if ref.any() else not ours.any())
+
+
+def test_ssd_inputs_in_bf16_and_their_errors():
+    """bf16 inputs and parameters: float32 log decay, bf16 values (x's dtype), gradients in the inputs' dtypes;
+    mismatched shapes are refused in one sentence."""
+    dt, x = _randn(2, 32, 4, seed=0, dtype=torch.bfloat16), _randn(2, 32, 4, 16, seed=1, dtype=torch.bfloat16)
+    A_log, dt_bias = _randn(4, seed=2, dtype=torch.bfloat16), _randn(4, seed=3, dtype=torch.bfloat16)
+    log_decay, v = ssd_inputs(dt, x, A_log, dt_bias, backend="triton")
+    assert log_decay.dtype == torch.float32 and v.dtype == torch.bfloat16
+    ref = [t.detach().float().requires_grad_() for t in (dt, x, A_log, dt_bias)]
+    ld_ref, v_ref = ssd_inputs_reference(*ref)
+    assert rel_err(log_decay, ld_ref) < 1e-5 and rel_err(v.float(), v_ref) < 1e-2
+    ours = _grads((log_decay, v), (dt, x, A_log, dt_bias), seed=4)
+    theirs = _grads((ld_ref, v_ref), ref, seed=4)
+    for t, d, r in zip((dt, x, A_log, dt_bias), ours, theirs):
+        assert d.dtype == t.dtype and rel_err(d.float(), r) < 1e-2
+    with pytest.raises(ValueError, match=r"dt \[\.\.\., H\] and x \[\.\.\., H, P\]"):
+        ssd_inputs(dt[..., :3], x, A_log, dt_bias)
+
+
+def test_ssd_inputs_ops_fake_implementations_match():
+    """The custom ops' fake implementations (what torch.compile traces) give the real outputs' shapes, dtypes and
+    strides, a strided dt included; the backward's with either gradient missing."""
+    mod = sys.modules["effarch.ops.fused.ssd_inputs"]  # loaded with `ssd_inputs`, imported above
+    wide = _randn(6, 9, seed=0, grad=False)
+    dt, x = wide[:, 2:6], _randn(6, 4, 8, seed=1, grad=False)
+    A_log, dt_bias = _randn(4, seed=2, grad=False), _randn(4, seed=3, grad=False)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(mod._fwd_op, (dt, x, A_log, dt_bias), test_utils=utils)
+    dl, dv = _randn(6, 4, seed=4, grad=False), _randn(6, 4, 8, seed=5, grad=False)
+    for grads in ((dl, dv), (None, dv), (dl, None)):
+        torch.library.opcheck(mod._bwd_op, (dt, x, A_log, dt_bias, *grads), test_utils=utils)
+
+
+def test_ssd_inputs_reference_is_the_layer_formula():
+    dt, x = (
+        _randn(4, 3, seed=0, dtype=torch.float64, grad=False),
+        _randn(4, 3, 5, seed=1, dtype=torch.float64, grad=False),
+    )
+    A_log, dt_bias = (
+        _randn(3, seed=2, dtype=torch.float64, grad=False),
+        _randn(3, seed=3, dtype=torch.float64, grad=False),
+    )
+    log_decay, v = ssd_inputs_reference(dt, x, A_log, dt_bias)
+    step = torch.log1p(torch.exp(dt + dt_bias))
+    assert rel_err(log_decay, -A_log.exp() * step) < 1e-12 and rel_err(v, x * step[..., None]) < 1e-12
 
 
 # Rotary ---------------------------------------------------------------------------------------------------

@@ -99,9 +99,10 @@ class Mamba2(LinearMixer):
         # Each group's B and C serve H / G consecutive heads: passed as key groups [B,T,G,N], so the backward
         # keeps G copies, not H (they were a quarter of Mamba2's saved activations).
         Bm, Cm = Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
-        dt = F.softplus(upcast(dt) + self.dt_bias)  # [B,T,H]
-        log_decay = -torch.exp(upcast(self.A_log)) * dt
-        v = (xs * dt[..., None]).to(xs.dtype)
+        if fused.enabled(xs.device, xs.dtype):  # the step, decay and scaled values in one pass each way
+            log_decay, v = fused.ssd_inputs(dt, xs, self.A_log, self.dt_bias, backend="triton")
+        else:
+            log_decay, v = fused.ssd_inputs_reference(dt, xs, self.A_log, self.dt_bias)  # [B,T,H], [B,T,H,P]
         return Features(Cm, Bm, v, log_decay=log_decay, gate=z, extras={"x": xs})
 
     def finish(self, o: torch.Tensor, f: Features) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Fused training parts as Triton kernels, each beside a plain PyTorch reference: RMSNorm with the residual
-add, SwiGLU, rotary embeddings, GLA's log-sigmoid decay and Gated DeltaNet's gates; and the one switch that decides whether the layers use
+add, SwiGLU, rotary embeddings, GLA's log-sigmoid decay, Gated DeltaNet's gates and Mamba-2's step, decay and
+scaled values; and the one switch that decides whether the layers use
 them.
 
 Every kernel function takes `backend="auto" | "reference" | "triton"`: "auto" runs the Triton kernel on CUDA
@@ -29,6 +30,7 @@ from effarch.ops.fused.reference import (
     gated_rms_norm_reference,
     log_sigmoid_decay_reference,
     rms_norm_reference,
+    ssd_inputs_reference,
     swiglu_reference,
 )
 
@@ -46,6 +48,7 @@ _LAZY = {
     "gated_rms_norm": "effarch.ops.fused.gated_norm",
     "log_sigmoid_decay": "effarch.ops.fused.decay",
     "delta_gates": "effarch.ops.fused.delta_gates",
+    "ssd_inputs": "effarch.ops.fused.ssd_inputs",
     "swiglu": "effarch.ops.fused.glu",
     "swiglu_packed": "effarch.ops.fused.glu",
     "apply_rotary": "effarch.ops.fused.rotary",
@@ -173,6 +176,8 @@ __all__ = [
     "delta_gates_reference",
     "rms_norm",
     "rms_norm_reference",
+    "ssd_inputs",
+    "ssd_inputs_reference",
     "swiglu",
     "swiglu_packed",
     "swiglu_reference",

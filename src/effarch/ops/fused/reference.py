@@ -74,6 +74,16 @@ def delta_gates_reference(
     return g, (beta_scale * beta if beta_scale != 1 else beta)
 
 
+def ssd_inputs_reference(
+    dt: torch.Tensor, x: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2's (log_decay [..., H] in (at least) float32, v = x * dt [..., H, P] in x's dtype) from the step
+    pre-activations dt [..., H]: dt = softplus(dt + dt_bias), log_decay = -exp(A_log) dt."""
+    acc = torch.promote_types(dt.dtype, torch.float32)
+    step = torch.nn.functional.softplus(dt.to(acc) + dt_bias.to(acc))
+    return -torch.exp(A_log.to(acc)) * step, (x * step[..., None]).to(x.dtype)
+
+
 def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate all D channels of x [B, T, H, D] by angles whose cos/sin are [T, D/2] or [B, T, D/2]; computed in
     float32, cast to x's dtype."""
