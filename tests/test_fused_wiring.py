@@ -158,9 +158,12 @@ def test_gated_head_norm_fused_when_switched_on(monkeypatch, preset):
     _assert_same(out, ref)
 
 
-def test_mamba2_step_and_values_fused():
+def test_mamba2_step_and_values_fused(monkeypatch):
     """Mamba-2's step, log decay and scaled values run as one fused kernel each way (seen running) and the model
-    equals its PyTorch path, values and gradients."""
+    equals its PyTorch path, values and gradients; mamba2.FUSED_INPUTS = False keeps the PyTorch form for them
+    alone."""
+    from effarch.layers.mixers import mamba2
+
     torch.manual_seed(0)
     model = build_model("mamba2:debug").to(DEV)
     ids = torch.randint(0, 260, (2, 13), device=DEV)
@@ -168,8 +171,13 @@ def test_mamba2_step_and_values_fused():
         ref = _run(model, ids)
     with fused.use_fused(FORCE), _RecordOps() as on:
         out = _run(model, ids)
-    assert {"fused_ssd_inputs_fwd", "fused_ssd_inputs_bwd"} <= on.names
+    ssd = {"fused_ssd_inputs_fwd", "fused_ssd_inputs_bwd"}
+    assert ssd <= on.names
     _assert_same(out, ref)
+    monkeypatch.setattr(mamba2, "FUSED_INPUTS", False)
+    with fused.use_fused(FORCE), _RecordOps() as off:
+        _run(model, ids)
+    assert not ssd & off.names and "fused_gated_rms_norm_fwd" in off.names
 
 
 def test_delta_rule_unit_heads_fused():

@@ -25,6 +25,11 @@ from effarch.layers.recompute import recomputed
 from effarch.ops import fused
 from effarch.registry import register_mixer
 
+# The step size, log decay and step-scaled values as one fused kernel each way where the fused kernels run (False:
+# the PyTorch form; for side-by-side timing, e.g. `train_throughput.py --set
+# effarch.layers.mixers.mamba2.FUSED_INPUTS=False`).
+FUSED_INPUTS = True
+
 
 @register_mixer(
     "mamba2",
@@ -99,7 +104,7 @@ class Mamba2(LinearMixer):
         # Each group's B and C serve H / G consecutive heads: passed as key groups [B,T,G,N], so the backward
         # keeps G copies, not H (they were a quarter of Mamba2's saved activations).
         Bm, Cm = Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (G, N))
-        if fused.enabled(xs.device, xs.dtype):  # the step, decay and scaled values in one pass each way
+        if FUSED_INPUTS and fused.enabled(xs.device, xs.dtype):  # the step, decay and values in one pass each way
             log_decay, v = fused.ssd_inputs(dt, xs, self.A_log, self.dt_bias, backend="triton")
         else:
             log_decay, v = fused.ssd_inputs_reference(dt, xs, self.A_log, self.dt_bias)  # [B,T,H], [B,T,H,P]
