@@ -341,37 +341,35 @@ def test_environment_variable(monkeypatch):
         fused.use_fused(None)
 
 
-def test_environment_variable_read_at_import():
-    code = "import torch, effarch; from effarch.ops import fused; print(fused.enabled('cuda', torch.float32))"
-    for value, expected in (("0", "False"), ("1", str(fused.HAS_TRITON))):
-        env = {**os.environ, fused.ENV_VAR: value}
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == expected
+SWITCHES = (
+    "EFFARCH_FUSED",
+    "EFFARCH_CONV_TRITON",
+    "EFFARCH_GATED_NORM_TRITON",
+    "EFFARCH_KEEP_STATES",
+    "EFFARCH_CONV_SPLIT",
+)
 
 
-def test_conv_and_gated_norm_switches_default_on():
-    """The short-conv kernel and the gated per-head norm are on unless their variables say 0."""
-    code = "from effarch.ops import conv, fused; print(conv.AUTO_TRITON, fused.GATED_NORM_ON)"
-    for value, expected in ((None, "True True"), ("0", "False False"), ("1", "True True")):
-        env = {k: v for k, v in os.environ.items() if k not in ("EFFARCH_CONV_TRITON", "EFFARCH_GATED_NORM_TRITON")}
-        if value is not None:
-            env.update(EFFARCH_CONV_TRITON=value, EFFARCH_GATED_NORM_TRITON=value)
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == expected
-
-
-def test_keep_states_switch_defaults_on():
-    """The linear recurrence's forward keeps its chunk states for the backward unless EFFARCH_KEEP_STATES=0."""
-    code = "from effarch.ops.linear.triton import launch; print(launch.SAVE_STATES)"
-    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
-        env = {k: v for k, v in os.environ.items() if k != "EFFARCH_KEEP_STATES"}
-        if value is not None:
-            env["EFFARCH_KEEP_STATES"] = value
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.strip() == expected
+@pytest.mark.parametrize("value", [None, "0", "1"])
+def test_switches_read_at_import(value):
+    """The environment switches, read at import (one fresh process per setting, all of them set alike): the fused
+    kernels, the short-convolution kernel, the gated per-head norm, the kept chunk states and the joined
+    convolution's outputs written apart are on unless their variable says 0 (the fused kernels also need Triton)."""
+    code = (
+        "import torch\n"
+        "from effarch.ops import conv, fused\n"
+        "from effarch.ops.conv import kernels\n"
+        "from effarch.ops.linear.triton import launch\n"
+        "print(fused.enabled('cuda', torch.float32), conv.AUTO_TRITON, fused.GATED_NORM_ON, launch.SAVE_STATES,"
+        " kernels.SPLIT_OUTPUTS)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
+    if value is not None:
+        env.update(dict.fromkeys(SWITCHES, value))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    on = value != "0"
+    assert r.stdout.split() == [str(on and fused.HAS_TRITON), *[str(on)] * 4]
 
 
 @pytest.mark.parametrize("spec", ["gated-deltanet:debug"])  # DeltaNet's features are the same code

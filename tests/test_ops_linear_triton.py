@@ -583,8 +583,8 @@ def test_delta_inverse_in_registers_matches_the_memory_form(case, monkeypatch):
 
 
 @pytest.mark.skipif(CUDA, reason="interpreter tests; the CUDA tests below cover the GPU")
-@pytest.mark.parametrize(("case", "in_regs"), [("delta", False), ("gated_delta", True)])
-@pytest.mark.parametrize("keys", ["random", "alike"])
+# each rule with one form of the rest of the inverse and one kind of keys (every pairing took 36 s of the suite)
+@pytest.mark.parametrize(("case", "in_regs", "keys"), [("delta", False, "random"), ("gated_delta", True, "alike")])
 def test_delta_inverse_by_doubling_matches_substitution(case, in_regs, keys, monkeypatch):
     """launch.DELTA_INVERSE = "doubling": each 16 x 16 diagonal block of (I + A)^{-1} from the inverses of its
     1, 2, 4 and 8-row blocks gives the outputs and gradients of forward substitution and of the reference, in
