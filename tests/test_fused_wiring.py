@@ -245,9 +245,8 @@ def test_compiled_fused_model_equals_eager(monkeypatch):
 @pytest.mark.parametrize(
     ("spec", "kernels"),
     [
-        # its q, k and v convolution's outputs in one tensor (EFFARCH_CONV_SPLIT=0)
-        ("gated-deltanet:debug", {"linear_recurrence_chunk_bwd", "causal_conv1d_bwd"}),
-        # ... and written apart (the default, at 32-channel blocks so that the debug widths split)
+        # its q, k and v convolution's outputs written apart (the default, at 32-channel blocks so that the debug
+        # widths split; the joined output's ops trace through fakes checked in test_ops_conv_triton.py)
         ("gated-deltanet:debug:split", {"linear_recurrence_chunk_bwd", "causal_conv1d_split_bwd"}),
         pytest.param(  # GLA has no short convolutions; its kernels' calls trace as Gated DeltaNet's do
             "gla:debug",

@@ -277,3 +277,21 @@ def test_cuda_outputs_written_apart(packed, bias, monkeypatch):
     ref = grads(lambda x, w, b: reference(x, w, b, "silu", cu), x.float(), w.float(), None if b is None else b.float())
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert rel_err(o.float(), r) < 1e-2, f"{name}: relative error {rel_err(o.float(), r):.2e}"
+
+
+def test_conv_ops_fake_implementations_match(monkeypatch):
+    """The convolution's custom ops, joined (with a bias) and written apart (without), forward and backward: their
+    fake implementations (what torch.compile traces) give the real outputs' shapes, dtypes and strides (a model
+    compiled through the split ops: test_fused_wiring.py)."""
+    monkeypatch.setattr(kernels, "BC", 8)  # channel blocks that divide the three widths below
+    monkeypatch.setattr(kernels, "DZ_TILE", (16, 8))
+    g = torch.Generator().manual_seed(7)
+    x, dy = (torch.randn(2, 19, 32, generator=g).to(DEV) for _ in range(2))
+    w = torch.randn(32, 4, generator=g).to(DEV)
+    b = torch.randn(32, generator=g).to(DEV)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(kernels.conv_fwd_op, (x, w, b, None, True), test_utils=utils)
+    torch.library.opcheck(kernels.conv_bwd_op, (dy, x, w, b, None, True), test_utils=utils)
+    torch.library.opcheck(kernels.conv_fwd_split_op_call.op, (x, w, None, None, True, 8, 8), test_utils=utils)
+    dys = (dy[..., :8].contiguous(), dy[..., 8:16].contiguous(), dy[..., 16:].contiguous())
+    torch.library.opcheck(kernels.conv_bwd_split_op_call.op, (*dys, x, w, None, None, True, 8, 8), test_utils=utils)
