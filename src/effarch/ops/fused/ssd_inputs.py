@@ -22,7 +22,7 @@ from torch import Tensor
 
 from effarch.ops.custom_op import KernelCall
 from effarch.ops.fused import empty_like, use_triton
-from effarch.ops.fused.delta_gates import _softplus
+from effarch.ops.fused.delta_gates import _softplus, _sums_dtype
 from effarch.ops.fused.reference import ssd_inputs_reference
 from effarch.ops.grid import cdiv, next_power_of_2
 from effarch.ops.partials import sum_partials
@@ -108,10 +108,6 @@ _fwd_op = _fwd_op_call.op
 @_fwd_op.register_fake
 def _(dt, x, A_log, dt_bias):
     return x.new_empty(x.shape[:2], dtype=torch.float32), torch.empty_like(x)
-
-
-def _sums_dtype(A_log: Tensor, dt_bias: Tensor) -> torch.dtype:
-    return A_log.dtype if A_log.dtype == dt_bias.dtype else torch.float32
 
 
 def _bwd(
